@@ -23,8 +23,8 @@ import io
 import math
 import os
 import shutil
-import warnings
 from collections import namedtuple
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -99,7 +99,6 @@ ID_TO_TRAINID = _lookup([(l.id, l.trainId) for l in LABELS if l.id >= 0], IGNORE
 TRAINID_TO_ID = _lookup([(l.trainId, l.id) for l in LABELS if 0 <= l.trainId < 255], 0, torch.int64)  # (256,)
 TRAINID_TO_COLOR = _lookup([(l.trainId, l.color) for l in LABELS if 0 <= l.trainId < 255], 0, torch.uint8, 3)
 ID_TO_COLOR = _lookup([(l.id, l.color) for l in LABELS if l.id >= 0], 0, torch.uint8, 3)  # (256, 3)
-VALID_ID = _lookup([(l.id, True) for l in LABELS if l.id >= 0], False, torch.bool)  # (256,)
 
 
 def colorize(labels, kind="trainId"):
@@ -137,16 +136,26 @@ def instance_edges(instance_ids):
 # 2. Files
 # --------------------------------------------------------------------------------------------
 
-def _open(path):
+def _open_lazy(path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     try:
-        img = Image.open(path)
+        return Image.open(path)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot read image file {path}: {e}") from e
+
+
+def _loaded(img, path):
+    try:
         img.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot read image file {path}: {e}") from e
     return img
+
+
+def _open(path):
+    return _loaded(_open_lazy(path), path)
 
 
 def read_image(path):
@@ -165,28 +174,26 @@ def read_label(path):
 
 
 def read_png16_rgb(path):
-    """A 16-bit RGB PNG (SYNTHIA's GT/LABELS) -> int64 tensor (3, H, W). Pillow reduces such files
-    to 8 bits, so they are decoded with torchvision.io (16-bit PNG support since torchvision 0.21)."""
-    from torchvision.io import ImageReadMode, decode_png
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            out = decode_png(data, ImageReadMode.UNCHANGED)
-    except RuntimeError as e:
-        raise ValueError(f"cannot read image file {path}: {e}") from e
-    return out.to(torch.int64) if out.dtype != torch.uint16 else out.to(torch.int32).to(torch.int64)
+    """A 16-bit RGB PNG (SYNTHIA's GT/LABELS) -> int64 tensor (3, H, W) of the 16-bit values.
+    Pillow converts such files to 8 bits by keeping each sample's high byte; decoding a second
+    time with the little-endian raw mode keeps the low byte instead, and value = 256 * high + low."""
+    planes = []
+    for rawmode in ("RGB;16B", "RGB;16L"):
+        img = _open_lazy(path)
+        if img.mode != "RGB" or img.tile[0][3] != "RGB;16B":
+            raise ValueError(f"{path} is not a 16-bit RGB PNG (mode {img.mode}); SYNTHIA labels are")
+        img.tile = [(t[0], t[1], t[2], rawmode) for t in img.tile]
+        planes.append(np.asarray(_loaded(img, path)).astype(np.int64))
+    return torch.from_numpy(planes[0] * 256 + planes[1]).permute(2, 0, 1)
 
 
-def write_image(path, image):
-    """Write a float tensor (3, H, W) in [0, 1] or a uint8 array (H, W, 3) to an image file."""
+def write_image(path, image, compress_level=1):
+    """Write a float tensor (3, H, W) in [0, 1] or a uint8 array (H, W, 3) to an image file
+    (PNG compress_level 0..9: 1 is fast; 0 is faster still for noisy images that barely compress)."""
     if isinstance(image, torch.Tensor):
         image = image.detach().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.ascontiguousarray(image)).save(path, compress_level=1)
+    Image.fromarray(np.ascontiguousarray(image)).save(path, compress_level=compress_level)
 
 
 def write_label(path, labels):
@@ -196,7 +203,7 @@ def write_label(path, labels):
         raise ValueError(f"cannot write {path}: label values must be in 0..65535, got {labels.min()}..{labels.max()}")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     if labels.max() < 256:
-        Image.fromarray(labels.astype(np.uint8), mode=None).save(path, compress_level=1)
+        Image.fromarray(labels.astype(np.uint8)).save(path, compress_level=1)
     else:
         Image.fromarray(labels.astype(np.uint16)).save(path, compress_level=1)
 
@@ -208,7 +215,7 @@ def write_label(path, labels):
 # Training resolutions (H, W) of Robusta's generators, Table A2 (G_coarse) and Table A3 (G_fine).
 # "resize" is the resize resolution, "crop" the random crop (None = no crop). The paper writes
 # W x H for Cityscapes (512 x 256).
-RESOLUTIONS = {
+RESOLUTIONS = {  # Table A2, Table A3
     #                 Table A2 (G_coarse)                    Table A3 (G_fine)
     "ade20k":        {"coarse": ((286, 286), (256, 256)), "fine": ((256, 256), None)},
     "ade20k-outdoor": {"coarse": ((256, 256), None),      "fine": ((256, 256), None)},
@@ -225,6 +232,8 @@ LABEL_PAD = {"labels": IGNORE_INDEX, "label_ids": 0, "instance": 0, "anomaly": 2
 def _resize_sample(sample, size):
     out = dict(sample)
     for key, value in sample.items():
+        if not isinstance(value, torch.Tensor) or tuple(value.shape[-2:]) == tuple(size):
+            continue
         if key in IMAGE_KEYS:
             out[key] = F.interpolate(value[None], size=size, mode="bilinear", align_corners=False,
                                      antialias=True)[0].clamp_(0, 1)
@@ -285,6 +294,8 @@ class RandomFlip:
 
 
 class Compose:
+    """Apply paired transforms in order."""
+
     def __init__(self, transforms):
         self.transforms = list(transforms)
 
@@ -324,11 +335,12 @@ CITYSCAPES_IDS = _table((l.id, l.id) for l in LABELS if l.id >= 0)
 def encode_labels(raw, id_table, train_table, path, dataset="Cityscapes"):
     """Raw label values (H, W) -> (label ids, trainIds) by the lookup tables; a value outside the
     table (id_table < 0) raises an error naming the file and the values."""
-    bad = (raw < 0) | (raw > 255) | (id_table[raw.clamp(0, 255)] < 0)
-    if bad.any():
+    lo, hi = torch.aminmax(raw)
+    if lo < 0 or hi > 255 or torch.bincount(raw.flatten(), minlength=256)[id_table < 0].any():
+        bad = (raw < 0) | (raw > 255) | (id_table[raw.clamp(0, 255)] < 0)
         values = torch.unique(raw[bad])[:20].tolist()
         raise ValueError(f"label file {path} contains values outside the {dataset} label table: {values}")
-    return id_table[raw], train_table[raw]
+    return id_table.take(raw), train_table.take(raw)
 
 
 class SegmentationFiles(torch.utils.data.Dataset):
@@ -674,25 +686,50 @@ SEVERITY_PARAMS = {
 }
 
 
-def _shift(x, dx, dy):
-    """Shift an (H, W, C) array by (dx, dy) pixels, repeating the border."""
-    H, W = x.shape[:2]
-    p = np.pad(x, ((abs(dy), abs(dy)), (abs(dx), abs(dx)), (0, 0)), mode="edge")
-    return p[abs(dy) - dy: abs(dy) - dy + H, abs(dx) - dx: abs(dx) - dx + W]
+def _gaussian_blur(image, sigma):
+    """Separable Gaussian blur of a float array (H, W, C) by shifted sums, reflect padding;
+    sigma is a number or (sigma_y, sigma_x)."""
+    sy, sx = (sigma, sigma) if np.isscalar(sigma) else sigma
+    H, W = image.shape[:2]
+    for axis, n, s in ((1, W, sx), (0, H, sy)):
+        if s <= 0:
+            continue
+        r = max(1, int(math.ceil(3 * s)))
+        k = np.exp(-np.arange(-r, r + 1) ** 2 / (2 * s ** 2))
+        k = (k / k.sum()).astype(np.float32)
+        pad = [(0, 0)] * image.ndim
+        pad[axis] = (r, r)
+        p = np.pad(image, pad, mode="reflect" if r < n else "edge")
+        image = sum(k[i] * (p[:, i:i + W] if axis == 1 else p[i:i + H]) for i in range(2 * r + 1))
+    return image
+
+
+def _value_noise(rng, size, cell):
+    """Smooth noise of unit variance whose features are about `cell` pixels wide."""
+    H, W = size
+    if cell == 1:
+        return rng.standard_normal(size, dtype=np.float32)
+    g = torch.from_numpy(rng.standard_normal((H // cell + 2, W // cell + 2), dtype=np.float32))
+    n = F.interpolate(g[None, None], size=(H + 2 * cell, W + 2 * cell), mode="bilinear", align_corners=False)
+    n = n[0, 0, cell:cell + H, cell:cell + W].numpy()
+    return n / (n.std() + 1e-6)
 
 
 def _motion_blur(x, radius, sigma, angle):
-    """Blur along a line at `angle` degrees: a one-sided Gaussian-weighted sum of shifted copies."""
+    """Blur (H, W, C) along a line at `angle` degrees: a one-sided Gaussian-weighted sum of copies
+    shifted by up to 2 * radius pixels, the border repeated (as imagecorruptions' motion blur)."""
+    H, W = x.shape[:2]
     width = 2 * radius + 1
     k = np.exp(-np.arange(width) ** 2 / (2 * sigma ** 2))
-    k = k / k.sum()
-    dy_unit, dx_unit = np.sin(np.deg2rad(angle)), np.cos(np.deg2rad(angle))
+    k = (k / k.sum()).astype(np.float32)
+    sin, cos = np.sin(np.deg2rad(angle)), np.cos(np.deg2rad(angle))
+    shifts = [(-math.ceil(i * cos - 0.5), -math.ceil(i * sin - 0.5)) for i in range(width)]
+    shifts = [(dx, dy) for dx, dy in shifts if abs(dx) < W and abs(dy) < H]
+    p = max(max(abs(dx), abs(dy)) for dx, dy in shifts)
+    padded = np.pad(x, ((p, p), (p, p), (0, 0)), mode="edge")
     out = np.zeros_like(x)
-    for i in range(width):
-        dy, dx = -math.ceil(i * dy_unit - 0.5), -math.ceil(i * dx_unit - 0.5)
-        if abs(dy) >= x.shape[0] or abs(dx) >= x.shape[1]:
-            break
-        out += k[i] * _shift(x, dx, dy)
+    for i, (dx, dy) in enumerate(shifts):                     # out(y, x) += k_i * x(y - dy, x - dx)
+        out += k[i] * padded[p - dy: p - dy + H, p - dx: p - dx + W]
     return out
 
 
@@ -904,7 +941,7 @@ def corrupt(image, name, severity, seed=0):
     if image.dim() == 4:
         return torch.stack([corrupt(im, name, severity, seed + i) for i, im in enumerate(image)])
     x = image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy().astype(np.float32)
-    out = CORRUPTION_FUNCTIONS[name](x, SEVERITY_PARAMS[name][severity - 1], np.random.default_rng(seed))
+    out = CORRUPTION_FUNCTIONS[name](x, SEVERITY_PARAMS[name][severity - 1], np.random.default_rng(seed))  # Table A10
     out = torch.from_numpy(np.ascontiguousarray(np.clip(out, 0, 1), dtype=np.float32)).permute(2, 0, 1)
     return out.to(device=image.device, dtype=image.dtype)
 
@@ -1209,7 +1246,7 @@ def toycity_scene(size, rng, outlier_rng=None):
     if outlier_rng is not None:  # the outlier domain: objects of ids outside the 19 classes
         for _ in range(outlier_rng.integers(1, 4)):
             name = outlier_rng.choice(sorted(OUTLIER_OBJECTS))
-            zo = _depths(outlier_rng, 1, 1.5, 6)[0]
+            zo = _depths(outlier_rng, 1, 2.0, 8)[0]
             objects.append((zo, shift + outlier_rng.uniform(-0.6, 0.6) * road, OUTLIER_OBJECTS[name],
                             bool(outlier_rng.random() < 0.5), outlier_rng.uniform(0.9, 1.4)))
     for zo, uo, template, flip, scale in sorted(objects, key=lambda o: -o[0]):
@@ -1241,7 +1278,7 @@ DOMAIN_STYLE = {
         objects=_rgb((255, 0, 0), (0, 255, 255), (255, 0, 255), (0, 200, 0), (255, 255, 0), (0, 90, 255), (255, 130, 0)),
         details={GLASS: (40, 60, 120), TYRE: (15, 15, 15), MARKING: (255, 255, 255), LAMP: (255, 60, 60),
                  SKIN: (255, 200, 150), TRUNK: (140, 80, 20)},
-        jitter=0.07, gain=0.05),
+        jitter=(0.07, 0.05), gain=0.05),
     "target": dict(
         classes={"road": (100, 98, 96), "sidewalk": (165, 158, 150), "wall": (140, 135, 122), "fence": (110, 100, 85),
                  "pole": (85, 90, 95), "traffic light": (45, 50, 45), "traffic sign": (45, 85, 175),
@@ -1253,7 +1290,7 @@ DOMAIN_STYLE = {
                      (60, 70, 50)),
         details={GLASS: (70, 80, 90), TYRE: (20, 20, 20), MARKING: (215, 215, 205), LAMP: (230, 200, 120),
                  SKIN: (170, 130, 110), TRUNK: (75, 60, 45)},
-        jitter=0.05, gain=0.05),
+        jitter=(0.06, 0.02), gain=0.04),
 }
 # texture amplitude (fine, medium, coarse value noise) per label id in the target domain
 TEXTURE = {"road": (0.12, 0.05, 0.08), "sidewalk": (0.08, 0.05, 0.06), "building": (0.06, 0.08, 0.1),
@@ -1265,65 +1302,52 @@ CASTS_SHADOW_IDS = [ID[n] for n in ("pole", "person", "rider", "car", "truck", "
                                     "caravan", "trailer", "dynamic")]
 
 
-def _value_noise(rng, size, cell):
-    """Smooth noise of unit variance whose features are about `cell` pixels wide."""
-    H, W = size
-    g = torch.from_numpy(rng.standard_normal((H // cell + 2, W // cell + 2)).astype(np.float32))
-    n = F.interpolate(g[None, None], size=(H + 2 * cell, W + 2 * cell), mode="bilinear", align_corners=False)
-    n = n[0, 0, cell:cell + H, cell:cell + W].numpy()
-    return n / (n.std() + 1e-6)
+def _member(values, ids):
+    """Boolean map: values (uint8 array) in ids, by a lookup table (faster than np.isin)."""
+    table = np.zeros(256, bool)
+    table[list(ids)] = True
+    return table[values]
 
 
-def _gaussian_blur(image, sigma):
-    """Separable Gaussian blur of a float array (H, W, C) by shifted sums, reflect padding;
-    sigma is a number or (sigma_y, sigma_x)."""
-    sy, sx = (sigma, sigma) if np.isscalar(sigma) else sigma
-    H, W = image.shape[:2]
-    for axis, n, s in ((1, W, sx), (0, H, sy)):
-        if s <= 0:
-            continue
-        r = max(1, int(math.ceil(3 * s)))
-        k = np.exp(-np.arange(-r, r + 1) ** 2 / (2 * s ** 2))
-        k = (k / k.sum()).astype(np.float32)
-        pad = [(0, 0)] * image.ndim
-        pad[axis] = (r, r)
-        p = np.pad(image, pad, mode="reflect" if r < n else "edge")
-        image = sum(k[i] * (p[:, i:i + W] if axis == 1 else p[i:i + H]) for i in range(2 * r + 1))
-    return image
+def _jitter(colours, sigma, rng):
+    """Per-row random change of (n, 3) colours: a brightness shift (sigma[0]) and a smaller
+    per-channel shift (sigma[1]), so that grey colours stay roughly grey."""
+    n = len(colours)
+    return (colours + rng.normal(0, sigma[0], (n, 1)) + rng.normal(0, sigma[1], (n, 3))).astype(np.float32)
 
 
 def render(sc, domain, rng):
     """Render a scene's label map in a domain's appearance -> uint8 (H, W, 3)."""
     style = DOMAIN_STYLE[domain]
-    H, W = sc.label.shape
     table = np.full((256, 3), 0.5, np.float32)
     for name, colour in style["classes"].items():
         table[ID[name]] = np.array(colour) / 255
-    table = table + rng.normal(0, style["jitter"], (256, 3)).astype(np.float32)   # per-image colour jitter
-    img = table[sc.label]                                                          # (H, W, 3)
+    table = _jitter(table, style["jitter"], rng)                                   # per-image colour jitter
+    img = np.take(table, sc.label, axis=0)                                         # (H, W, 3)
 
     blocks = style["buildings"][rng.integers(len(style["buildings"]), size=256)]
-    blocks = blocks + rng.normal(0, style["jitter"], (256, 3)).astype(np.float32)
+    blocks = _jitter(blocks, style["jitter"], rng)
     m = (sc.label == ID["building"]) & (sc.variant > 0)
     img[m] = blocks[sc.variant[m]]
 
-    # instances: one colour per vehicle body / clothing, picked from the domain's object palette
-    n = 1000 * (max(INSTANCE_CLASS_IDS) + 1)
-    first = style["objects"][rng.integers(len(style["objects"]), size=n)]           # (n, 3) by instance id
-    first = first + rng.normal(0, style["jitter"], first.shape).astype(np.float32)
-    second = first[rng.permutation(n)] * 0.6
-    inverse = sc.instance
+    # instances (id * 1000 + k): one colour per vehicle body / clothing from the domain's object palette
+    n = max(INSTANCE_CLASS_IDS) + 1
+    first = style["objects"][rng.integers(len(style["objects"]), size=(n, 64))]     # (class id, k % 64, 3)
+    first = _jitter(first.reshape(-1, 3), style["jitter"], rng).reshape(n, 64, 3)
+    second = first[:, rng.permutation(64)] * 0.6
     is_inst = (sc.instance >= 1000) & (sc.detail != BARS)
+    cls, k = sc.instance // 1000, sc.instance % 64
     body = is_inst & ((sc.detail == PLAIN) | (sc.detail == TOP))
-    img[body] = first[inverse[body]]
+    img[body] = first[cls[body], k[body]]
     legs = is_inst & (sc.detail == TROUSERS)
-    img[legs] = second[inverse[legs]]
+    img[legs] = second[cls[legs], k[legs]]
     detail_table = np.zeros((256, 3), np.float32)
     for code, colour in style["details"].items():
         detail_table[code] = np.array(colour) / 255
-    img = np.where(np.isin(sc.detail, list(style["details"]))[..., None], detail_table[sc.detail], img)
+    m = _member(sc.detail, style["details"])
+    img[m] = detail_table[sc.detail[m]]
     m = sc.detail == BARS
-    stripes = np.isin(sc.label, [ID["caravan"], ID["trailer"]])
+    stripes = _member(sc.label, [ID["caravan"], ID["trailer"]])
     img[m & ~stripes] *= 0.7
     img[m & stripes] = 1.0 - img[m & stripes]
     img *= 1 + rng.uniform(-style["gain"], style["gain"], 3).astype(np.float32)     # white balance
@@ -1336,12 +1360,11 @@ def render(sc, domain, rng):
 def _real_look(sc, img, rng):
     """Target-domain texture, sky gradient, shadows, lighting, blur and sensor noise."""
     H, W = sc.label.shape
-    amp = np.zeros((256, 3), np.float32)
+    amp = np.zeros((3, 256), np.float32)
     for name, a in TEXTURE.items():
-        amp[ID[name]] = a
-    a = amp[sc.label]                                                               # (H, W, 3)
+        amp[:, ID[name]] = a
     fine, medium, coarse = (_value_noise(rng, (H, W), c) for c in (1, max(2, W // 96), max(4, W // 24)))
-    img = img * (1 + a[..., 0:1] * fine[..., None] + a[..., 1:2] * medium[..., None] + a[..., 2:3] * coarse[..., None])
+    texture = 1 + amp[0][sc.label] * fine + amp[1][sc.label] * medium + amp[2][sc.label] * coarse  # (H, W)
     veg = (sc.label == ID["vegetation"]) & (medium > 0.6)                           # sunlit leaves
     img[veg] = img[veg] * 0.5 + np.array([0.45, 0.45, 0.2], np.float32) * 0.5
     sky = sc.label == ID["sky"]
@@ -1351,26 +1374,25 @@ def _real_look(sc, img, rng):
     shade = np.ones((H, W), np.float32)
     side = rng.choice([-1, 1])                                                      # the facades away from the sun
     away = (sc.xx - sc.xv) * side > 0
-    shade[np.isin(sc.label, [ID["building"], ID["wall"], ID["fence"]]) & away] = rng.uniform(0.55, 0.75)
-    caster = np.isin(sc.label, CASTS_SHADOW_IDS)
+    shade[_member(sc.label, [ID["building"], ID["wall"], ID["fence"]]) & away] = rng.uniform(0.55, 0.75)
+    caster = _member(sc.label, CASTS_SHADOW_IDS)
     shadow = np.zeros_like(caster)
     for k in range(1, max(2, H // 40)):
         shadow[k:, k // 2:] |= caster[:-k, : W - k // 2] if side > 0 else caster[:-k, k // 2:]
-    shade[shadow & np.isin(sc.label, GROUND_IDS)] *= 0.55
+    shade[shadow & _member(sc.label, GROUND_IDS)] *= 0.55
     gx, gy = rng.uniform(-0.3, 0.3, 2)
     r2 = ((sc.xx / W - 0.5) ** 2 + (sc.yy / H - 0.5) ** 2)
     shade *= (1 + gx * (sc.xx / W - 0.5) + gy * (sc.yy / H - 0.5)) * (1 - 0.5 * r2)
-    img = img * shade[..., None]
-    img = np.clip(img, 0, 1) ** rng.uniform(0.8, 1.25)
+    img = np.clip(img * (texture * shade)[..., None], 0, 1) ** rng.uniform(0.8, 1.25)
     img = _gaussian_blur(img, rng.uniform(0.4, 0.9) * H / 256)
-    return img + rng.normal(0, 0.02, img.shape).astype(np.float32)
+    return img + 0.02 * rng.standard_normal(img.shape, dtype=np.float32)
 
 
 def anomaly_mask(label_ids):
     """1 where the label id is an outlier (OUTLIER_IDS), 0 on the 19 train classes, 255 elsewhere."""
     out = np.full(label_ids.shape, 255, np.uint8)
     out[ID_TO_TRAINID.numpy()[label_ids] != IGNORE_INDEX] = 0
-    out[np.isin(label_ids, OUTLIER_IDS)] = 1
+    out[_member(label_ids, OUTLIER_IDS)] = 1
     return out
 
 
@@ -1382,7 +1404,8 @@ def make_toycity(out, num_images, size=(256, 512), domain="source", seed=0, spli
     if domain not in DOMAINS:
         raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
     out, city = Path(out), "toycity"
-    for i in range(num_images):
+
+    def write_scene(i):
         key = [seed, SPLIT_CODE[split], i]
         outlier_rng = np.random.default_rng(key + [7]) if domain == "outlier" else None
         sc = toycity_scene(size, np.random.default_rng(key), outlier_rng)
@@ -1390,12 +1413,19 @@ def make_toycity(out, num_images, size=(256, 512), domain="source", seed=0, spli
         image = render(sc, look, np.random.default_rng(key + [DOMAINS.index(look) + 1]))
         stem = f"{city}_{i:06d}_000019"
         gt = out / "gtFine" / split / city / f"{stem}_gtFine_"
-        write_image(out / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png", image)
+        write_image(out / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png", image,
+                    compress_level=1 if look == "source" else 0)        # sensor noise barely compresses
         write_label(f"{gt}labelIds.png", sc.label)
         write_label(f"{gt}instanceIds.png", sc.instance)
-        write_image(f"{gt}color.png", colorize(sc.label, "id"))
+        color = Image.fromarray(sc.label)                                  # palette PNG: Cityscapes colours
+        color.putpalette(ID_TO_COLOR.numpy().ravel().tolist())
+        color.save(f"{gt}color.png", compress_level=1)
         if domain == "outlier":
             write_label(f"{gt}anomaly.png", anomaly_mask(sc.label))
+
+    # scenes are independent (one seed each): two threads overlap numpy work and PNG encoding
+    with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
+        list(pool.map(write_scene, range(num_images)))
     return out
 
 
@@ -1441,14 +1471,15 @@ def make_paintings(out, num_images, size=(256, 256), seed=0):
 
 
 TOYCITY_COUNTS = {"train": 200, "val": 50, "paintings": 100}
-TOYCITY_VERSION = 1  # bump when the generator changes, so that old caches are not reused
+TOYCITY_VERSION = 3  # bump when the generator changes, so that old caches are not reused
 
 
 def toycity(cache=None, size=(128, 256), seed=0, counts=None):
-    """Path of a cached ToyCity root, generated on first use:
-    <root> = <cache>/<H>x<W>_seed<S>_v<version>/{source,target,outlier}/ Cityscapes trees with "train" and "val" splits (the same label
+    """Path of a cached ToyCity root <cache>/<H>x<W>_seed<S>_v<version>, generated on first use:
+    source/, target/, outlier/ are Cityscapes trees with "train" and "val" splits (the same label
     maps in source and target; outlier = those label maps with pasted outlier objects, target
-    look) and <root>/paintings/. Default cache: $TOYCITY_CACHE or ~/.cache/robusta-ash/toycity.
+    look) and paintings/ holds style images. Default cache: $TOYCITY_CACHE or
+    ~/.cache/robusta-ash/toycity; `counts` overrides TOYCITY_COUNTS (tests use tiny ones).
     The tree is written to a temporary folder renamed into place at the end (a marker file
     `.complete` is written last), so an interrupted run is regenerated, never half-read."""
     counts = dict(TOYCITY_COUNTS, **(counts or {}))
@@ -1468,11 +1499,16 @@ def toycity(cache=None, size=(128, 256), seed=0, counts=None):
             make_toycity(tmp / domain, counts[split], size, domain, seed, split)
     make_paintings(tmp / "paintings", counts["paintings"], size, seed)
     (tmp / ".complete").write_text("ok\n")
-    if (root / ".complete").exists():          # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-        return root
-    shutil.rmtree(root, ignore_errors=True)     # a half-written tree from an older layout
-    os.replace(tmp, root)
+    try:
+        os.rename(tmp, root)                    # fails if root exists and is not empty
+    except OSError:
+        if (root / ".complete").exists():      # another process (e.g. another DDP rank) finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+            return root
+        stale = base / f".{name}.stale{os.getpid()}"
+        os.rename(root, stale)                  # an interrupted run's leftovers
+        shutil.rmtree(stale, ignore_errors=True)
+        os.rename(tmp, root)
     return root
 
 

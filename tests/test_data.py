@@ -132,6 +132,7 @@ def test_synthia_reads_the_class_from_the_first_channel_of_16_bit_pngs(tmp_path)
     arr[..., 0] = np.array([3, 8, 0, 10, 22])[np.arange(H * W) % 5].reshape(H, W)   # road, car, void, person, lanemarking
     arr[..., 1] = 300                                                                   # instance channel
     png16_rgb(tmp_path / "GT" / "LABELS" / "0000000.png", arr)
+    assert torch.equal(data.read_png16_rgb(tmp_path / "GT" / "LABELS" / "0000000.png")[1], torch.full((H, W), 300))
     s = data.Synthia(tmp_path)[0]
     expected = torch.tensor([0, 13, 255, 11, 255])[torch.arange(H * W) % 5].reshape(H, W)
     assert torch.equal(s["labels"], expected)
@@ -242,6 +243,8 @@ def test_cityscapes_reader_reads_toycity(toy):
     assert is_thing.any() and torch.equal(inst[is_thing] // 1000, s["label_ids"][is_thing])
     assert torch.equal(inst[~is_thing], s["label_ids"][~is_thing])
     assert s["name"] == "toycity_000000_000019" and "anomaly" not in s
+    color = Image.open(toy / "source" / "gtFine" / "val" / "toycity" / "toycity_000000_000019_gtFine_color.png")
+    assert np.array_equal(np.asarray(color.convert("RGB")), data.colorize(s["label_ids"].numpy(), kind="id"))
 
 
 def test_toycity_domains_share_labels_but_not_appearance(toy):
@@ -363,10 +366,9 @@ def test_corruption_grows_with_severity_and_is_deterministic(street, name):
         assert o.shape == street.shape and o.dtype == torch.float32 and 0 <= o.min() and o.max() <= 1
     dist = [(o - street).abs().mean().item() for o in outs]
     assert dist[0] > 1e-3
-    if name in NOT_MONOTONE:
-        assert dist[4] > dist[0]
-    else:
-        assert all(a < b for a, b in zip(dist, dist[1:])), dist
+    assert dist[4] > 1.1 * dist[0], dist
+    if name not in NOT_MONOTONE:   # 3% slack: on a 64x128 image pixel grids alias (pixelate 0.3 vs 0.25)
+        assert all(b > 0.97 * a for a, b in zip(dist, dist[1:])), dist
     assert torch.equal(data.corrupt(street, name, 3, seed=4), outs[2])
 
 
@@ -379,3 +381,12 @@ def test_corrupt_handles_batches_severity_zero_and_bad_names(street):
     with pytest.raises(ValueError, match="unknown corruption"):
         data.corrupt(street, "rain", 1)
     assert len(data.CORRUPTIONS) >= 15
+
+
+def test_command_line_writes_a_toycity_tree(tmp_path, capsys):
+    data.main(["toycity", "--out", str(tmp_path), "--size", "32", "64", "--num", "2", "--num-val", "1",
+               "--num-paintings", "1", "--domains", "source", "outlier"])
+    assert len(data.Cityscapes(tmp_path / "source", "train")) == 2
+    assert "anomaly" in data.Cityscapes(tmp_path / "outlier", "val")[0]
+    assert not (tmp_path / "target").exists() and len(data.StyleFolder(tmp_path / "paintings")) == 1
+    assert "ToyCity: done" in capsys.readouterr().out
