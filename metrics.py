@@ -92,30 +92,32 @@ class ConfusionMatrix:
             return
         if pred.dtype.is_floating_point or target.dtype.is_floating_point:
             raise TypeError("pred and target must be integer label maps (take logits.argmax(1) first)")
-        if (pred.dtype != torch.uint8 and int(pred.min()) < 0) or int(pred.max()) >= C:
-            raise ValueError(f"predictions must lie in [0, {C}), got [{int(pred.min())}, {int(pred.max())}]")
-        if target.dtype != torch.uint8:
-            if int(target.min()) < 0 or int(target.max()) > 255:
-                raise ValueError(f"target values must be trainIds in [0, {C}) or {self.ignore_index}, "
-                                 f"got [{int(target.min())}, {int(target.max())}]")
-            target = target.to(torch.uint8)
-        pred = pred.to(torch.uint8)
-        # index = target * C + pred in a 16-bit type: ignore (and any stray) target rows land past
-        # row C-1 and are sliced off below, so no boolean masking of the full map is needed.
-        dtype = torch.int16 if 256 * C < 2 ** 15 else torch.int32
-        counts = torch.zeros(256 * C, dtype=torch.int64, device=pred.device)
+        for name, x in (("pred", pred), ("target", target)):
+            if x.dtype != torch.uint8 and (int(x.min()) < 0 or int(x.max()) > 255):
+                raise ValueError(f"{name} values must be trainIds in [0, {C}) (target: or {self.ignore_index}), "
+                                 f"got [{int(x.min())}, {int(x.max())}]")
+        pred, target = pred.to(torch.uint8), target.to(torch.uint8)  # no-ops on the uint8 fast path
+        # Per chunk, index = target * (C + 1) + min(pred, C) in a 16-bit type, counted by bincount: rows
+        # are the 256 target values (ignore and stray values land in rows >= C), column C collects
+        # predictions >= C. So the full map is neither masked nor range-checked (both cost passes).
+        K = C + 1
+        dtype = torch.int16 if 256 * K < 2 ** 15 else torch.int32
+        counts = torch.zeros(256 * K, dtype=torch.int64, device=pred.device)
         step = CHUNK if pred.device.type == "cpu" else len(pred)
         for t, p in zip(target.split(step), pred.split(step)):
-            counts += torch.bincount(torch.add(p, t.to(dtype), alpha=C), minlength=256 * C)  # t * C + p
-        rows = counts.view(256, C)  # (256 target values, C predictions)
+            counts += torch.bincount(torch.add(p.clamp(max=C), t.to(dtype), alpha=K), minlength=256 * K)
+        rows = counts.view(256, K)  # (target value, prediction)
         stray = rows[C:].sum(1)
         stray[self.ignore_index - C] = 0
         if stray.any():
             bad = (stray.nonzero()[:, 0] + C).tolist()
             raise ValueError(f"target contains values {bad[:10]} that are neither trainIds in [0, {C}) nor "
                              f"ignore_index {self.ignore_index} (label ids instead of trainIds?)")
+        if rows[:C, C].any():
+            raise ValueError(f"predictions must lie in [0, {C}): {rows[:C, C].sum().item()} labelled pixels have "
+                             f"a prediction >= {C}")
         self.mat = self.mat.to(pred.device)
-        self.mat += rows[:C]
+        self.mat += rows[:C, :C]
 
     def all_reduce(self):
         """Sum the matrices of all processes (torch.distributed when initialised; a no-op otherwise)."""
@@ -413,8 +415,12 @@ def load_fid_inception(weights, device="cpu"):
     if not Path(weights).is_file():
         raise FileNotFoundError(f"FID Inception weights not found at {weights}; expected {FID_WEIGHTS}, "
                                 f"published at {FID_WEIGHTS_URL}")
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated download, wrong file type, ...
+        raise ValueError(f"cannot read the FID Inception weights {weights} (expected {FID_WEIGHTS}): {e}") from e
     model = FIDInception()
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    model.load_state_dict(state)
     return model.eval().requires_grad_(False).to(device)
 
 

@@ -33,11 +33,19 @@ def test_confusion_matrix_counts_every_labelled_pixel_once():
     cm.update(pred[2:], target[2:])                 # int64 maps
     assert torch.equal(cm.mat, expected)
     assert cm.pixel_accuracy() == pytest.approx(expected.diag().sum().item() / expected.sum().item())
+    big_target = torch.randint(0, 19, (2, 300, 200), generator=g, dtype=torch.uint8)  # several chunks
+    big_target[torch.rand(big_target.shape, generator=g) < 0.3] = 255
+    big_pred = torch.randint(0, 19, (2, 300, 200), generator=g, dtype=torch.uint8)
+    labelled = big_target != 255
+    reference = torch.bincount(big_target[labelled].long() * 19 + big_pred[labelled].long(), minlength=361)
+    cm = ConfusionMatrix(19)
+    cm.update(big_pred, big_target)
+    assert torch.equal(cm.mat, reference.view(19, 19))
 
 
 def test_iou_follows_the_cityscapes_convention():
-    # class 0: TP 2, FN 1, FP 1 -> 2/4; class 1: predicted once, never in GT -> 0;
-    # class 2: absent from GT and prediction -> NaN, left out of the mean; class 3: TP 1 -> 1.
+    # class 0: TP 2, FN 2 -> 2/4; class 1: predicted once, never in GT -> 0; class 2: predicted only on an
+    # ignored pixel, absent from GT -> NaN, left out of the mean; class 3: TP 1, FP 1 -> 1/2.
     target = torch.tensor([0, 0, 0, 3, 0, 255, 255])
     pred = torch.tensor([0, 0, 1, 3, 3, 2, 0])
     cm = ConfusionMatrix(4)
@@ -154,8 +162,8 @@ def test_ood_meter_streams_batches_exactly_for_scores_on_its_grid():
 
 def test_ood_meter_equals_the_exact_metrics_of_scores_truncated_to_its_mantissa_bits():
     g = torch.Generator().manual_seed(6)
-    is_ood = (torch.rand(5000, generator=g) < 0.2).long()
-    scores = torch.randn(5000, generator=g) + is_ood  # both signs, all distinct
+    is_ood = (torch.rand(70000, generator=g) < 0.2).long()  # more than one chunk
+    scores = torch.randn(70000, generator=g) + is_ood  # both signs
     mantissa, exponent = torch.frexp(scores)  # scores = mantissa * 2^exponent, |mantissa| in [0.5, 1)
     truncated = torch.ldexp(torch.trunc(mantissa * 2 ** 4) / 2 ** 4, exponent)  # keep 1 + 3 bits, toward 0
     meter = OODMeter(mantissa_bits=3)
@@ -230,6 +238,9 @@ def test_fid_without_weights_names_the_file_and_where_it_is_published(tmp_path):
         metrics.fid(images, images)
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "missing.pth")):
         metrics.fid(images, images, weights=tmp_path / "missing.pth")
+    (tmp_path / "corrupt.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="corrupt.pth"):
+        metrics.fid(images, images, weights=tmp_path / "corrupt.pth")
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         metrics.spectral_distance(images * 2 - 1, images)  # tanh-range images are refused
 
