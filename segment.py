@@ -1,0 +1,1357 @@
+"""Segmentation networks, their training and their robustness / OOD evaluation.
+
+Both papers end in a segmentation network. ASH (Tjio et al., Sec. 4) trains DeepLab-v2 with a
+ResNet-101 backbone (Algorithm 1). Robusta (Hariat et al., supplementary F.1, Table A4) trains
+DeepLab-v3+ on real + generated data with a mean teacher, and uses a SegFormer inside its
+generator G_coarse (Fig. A1, Table A7). This file holds, in reading order:
+
+1. Run helpers shared by every trainer of the project: `add_run_args`, `Run` (device, torchrun/DDP,
+   AMP, channels_last, atomic checkpoints, `--resume auto`, log.jsonl, progress line, index.html),
+   `seed_everything`, `poly_lr`.
+2. Networks: `resnet` (torchvision names, dilation for output stride 8/16), `DeepLabV2` (ASPP
+   classifier of four dilated 3x3 convs, summed; optional second classifier as in CLAN),
+   `DeepLabV3Plus`, `SegFormer` (MiT-B0..B5 with the official checkpoint names + all-MLP decoder),
+   `build_model`.
+3. Training: `GeneratedDataset`, `MeanTeacher` (Robusta F.1), `PRESETS` (Table A4), `train_segmenter`.
+4. Evaluation: `predict` (whole image / sliding window, multi-scale), `evaluate`,
+   `evaluate_corruptions` (Table A10 protocol), `evaluate_ood` (AUROC / AUPR / FPR95).
+
+Run:
+    python segment.py                                   # demo on ToyCity (CPU, minutes)
+    python segment.py --dataset cityscapes --data-root PATH --preset cityscapes \
+        --pretrained resnet101-63fe2227.pth --generated runs/robusta/generated --mean-teacher
+    torchrun --nproc_per_node 4 segment.py ...          # DistributedDataParallel, same code
+"""
+import argparse
+import base64
+import contextlib
+import copy
+import io
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+import data
+import metrics
+
+# ---------------------------------------------------------------------------------------------
+# 1. Run helpers (one home for device, DDP, AMP, checkpoints and logging of every trainer)
+# ---------------------------------------------------------------------------------------------
+
+
+def add_run_args(parser, name_default):
+    """Add the options every trainer of the project shares to an argparse parser."""
+    g = parser.add_argument_group("run")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device; under torchrun each rank takes cuda:LOCAL_RANK")
+    g.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off",
+                   help="automatic mixed precision (fp16 uses a gradient scaler)")
+    g.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    g.add_argument("--resume", default="",
+                   help="'auto': continue from <out>/<name>/last.pt if it exists; a path; '' starts fresh")
+    g.add_argument("--seed", type=int, default=0, help="random seed (each rank adds its rank)")
+    g.add_argument("--out", default="runs", help="output folder; the run writes to <out>/<name>/")
+    g.add_argument("--name", default=name_default, help="run name")
+    g.add_argument("--workers", type=int, default=2, help="data loader worker processes")
+    g.add_argument("--log-every", type=int, default=10, help="steps between log lines")
+    g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm when distributed")
+    return parser
+
+
+def seed_everything(seed):
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def poly_lr(base_lr, step, total, power=0.9):
+    """The 'poly' learning-rate policy of DeepLab: base_lr * (1 - step / total) ** power."""
+    return base_lr * max(0.0, 1.0 - step / max(1, total)) ** power
+
+
+def unwrap(model):
+    """The module inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler (also used with one process) that can start in the middle of an epoch.
+
+    The order depends only on (seed, epoch), so a resumed run sees the same batches as an
+    uninterrupted one; `skip` drops the samples of the batches already consumed this epoch.
+    """
+
+    def __init__(self, dataset, num_replicas, rank, shuffle, seed, drop_last):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=drop_last)
+        self.skip = 0
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip:])
+
+    def __len__(self):
+        return super().__len__() - self.skip
+
+
+class Run:
+    """One training run: device, distributed setup, AMP, checkpoints and logs under <out>/<name>/.
+
+    Works unchanged under `torchrun` (reads RANK / WORLD_SIZE / LOCAL_RANK; gloo on CPU, nccl on
+    CUDA); only rank 0 writes files.
+    """
+
+    def __init__(self, args):
+        self.args = args
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.distributed = self.world_size > 1
+        self.rank = int(os.environ.get("RANK", "0"))
+        device = torch.device(args.device)
+        if device.type == "cuda" and self.distributed:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        if self.distributed:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        self.device = device
+        self.is_main = self.rank == 0
+        self.dir = Path(args.out) / args.name
+        self.scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+        self._samplers = []
+        self._tick = None
+        seed_everything(args.seed + self.rank)
+        if self.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+            if args.resume == "":
+                (self.dir / "log.jsonl").unlink(missing_ok=True)
+
+    # -- devices and data -------------------------------------------------------------------
+    def autocast(self):
+        """Mixed-precision context (a no-op with --amp off)."""
+        if self.args.amp == "off":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.args.amp == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def wrap(self, model, **ddp_kwargs):
+        """Move a model to the device (channels_last if asked); SyncBN + DDP when distributed."""
+        model = model.to(self.device)
+        if self.args.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if self.distributed and any(p.requires_grad for p in model.parameters()):
+            if self.args.sync_bn:
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(model, device_ids=ids, **ddp_kwargs)
+        return model
+
+    def loader(self, dataset, batch_size, shuffle, drop_last=True, collate_fn=None):
+        """A DataLoader over this rank's shard; its order is fixed by (seed, epoch) for exact resume."""
+        sampler = ResumableSampler(dataset, self.world_size, self.rank, shuffle, self.args.seed, drop_last)
+        self._samplers.append(sampler)
+        # its own generator: starting an epoch draws worker seeds from it, not from the global RNG
+        generator = torch.Generator().manual_seed(self.args.seed + self.rank)
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, collate_fn=collate_fn,
+            num_workers=self.args.workers, pin_memory=self.device.type == "cuda", generator=generator)
+
+    def set_epoch(self, epoch):
+        """Set the shuffling epoch of every loader made by this Run (for hand-written epoch loops)."""
+        for sampler in self._samplers:
+            sampler.set_epoch(epoch)
+            sampler.skip = 0
+
+    def batches(self, loader, step, total):
+        """Yield (step, batch) from `step` to `total`, cycling epochs; a resumed run starts mid-epoch
+        at the batch an uninterrupted run would see (exact with --workers 0; with workers, the data
+        order is exact and the augmentation's random stream is re-drawn)."""
+        sampler = loader.sampler
+        sampler.skip = 0
+        per_epoch = len(loader)
+        if per_epoch == 0:
+            raise ValueError(f"the data loader yields no batch: {len(loader.dataset)} samples for batch size "
+                             f"{loader.batch_size} x {self.world_size} processes")
+        epoch, done = divmod(step, per_epoch)
+        self._tick = (time.time(), step)  # the progress line's rate counts from here
+        while step < total:
+            sampler.set_epoch(epoch)
+            sampler.skip = done * loader.batch_size
+            loader.generator.manual_seed(self.args.seed + 1000 * epoch + self.rank)
+            for batch in loader:
+                yield step, batch
+                step += 1
+                if step >= total:
+                    return
+            epoch, done = epoch + 1, 0
+
+    # -- logs -------------------------------------------------------------------------------
+    def log(self, step, **scalars):
+        """Rank 0 appends {"step", "time", **scalars} as one JSON line to log.jsonl."""
+        if not self.is_main:
+            return
+        row = {"step": step, "time": time.time(), **{k: float(v) for k, v in scalars.items()}}
+        with open(self.dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def progress(self, step, total, **scalars):
+        """Print `[name] step 120/2000 (6%) 3.1 it/s ETA 10:05 loss 0.53` (rank 0)."""
+        now = time.time()
+        if self._tick is None or step < self._tick[1]:
+            self._tick = (now, step)
+        t0, s0 = self._tick
+        rate = (step - s0) / (now - t0) if now > t0 and step > s0 else float("nan")
+        self._tick = (now, step)
+        if not self.is_main:
+            return
+        eta = (total - step) / rate if rate > 0 else float("nan")
+        eta = "--:--" if math.isnan(eta) else f"{int(eta // 60):02d}:{int(eta % 60):02d}"
+        values = " ".join(f"{k} {float(v):.4g}" for k, v in scalars.items())
+        print(f"[{self.args.name}] step {step}/{total} ({100 * step / max(1, total):.0f}%) "
+              f"{rate:.3g} it/s ETA {eta} {values}", flush=True)
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def save(self, state, tag="last"):
+        """Write <dir>/<tag>.pt atomically (temporary file, then os.replace); rank 0 only."""
+        if not self.is_main:
+            return None
+        path = self.dir / f"{tag}.pt"
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+        return path
+
+    def resume(self):
+        """The checkpoint named by --resume ('auto': <dir>/last.pt if present), or None."""
+        choice = self.args.resume
+        if choice == "":
+            return None
+        path = self.dir / "last.pt" if choice == "auto" else Path(choice)
+        if not path.exists():
+            if choice == "auto":
+                return None
+            raise FileNotFoundError(f"--resume {choice}: no checkpoint at {path}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        step = state.get("step", 0)
+        if self.is_main:
+            print(f"[{self.args.name}] resuming from {path} at step {step}", flush=True)
+            log = self.dir / "log.jsonl"
+            if log.exists():  # forget what was logged after the checkpoint
+                rows = [r for r in log.read_text().splitlines() if r and json.loads(r)["step"] <= step]
+                log.write_text("".join(r + "\n" for r in rows))
+        return state
+
+    def rng_state(self):
+        """RNG states of every rank (Python, NumPy, torch, CUDA) as tensors, for a checkpoint."""
+        py = random.getstate()
+        npy = np.random.get_state()
+        mine = {"python": torch.tensor(py[1], dtype=torch.int64),
+                "numpy": torch.from_numpy(npy[1].astype(np.int64)), "numpy_pos": int(npy[2]),
+                "torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            mine["cuda"] = torch.cuda.get_rng_state(self.device)
+        if not self.distributed:
+            return [mine]
+        states = [None] * self.world_size
+        dist.all_gather_object(states, mine)
+        return states
+
+    def set_rng_state(self, states):
+        """Restore this rank's RNG states from `rng_state()`'s output."""
+        mine = states[self.rank if len(states) == self.world_size else 0]
+        random.setstate((3, tuple(mine["python"].tolist()), None))
+        np.random.set_state(("MT19937", mine["numpy"].numpy().astype(np.uint32), mine["numpy_pos"], 0, 0.0))
+        torch.set_rng_state(mine["torch"])
+        if "cuda" in mine and self.device.type == "cuda":
+            torch.cuda.set_rng_state(mine["cuda"], self.device)
+
+    def check_finite(self, loss, step):
+        """Stop with a clear message on a NaN/Inf loss; the last good checkpoint stays on disk."""
+        if not torch.isfinite(loss.detach()).all():
+            raise FloatingPointError(
+                f"[{self.args.name}] loss is {loss.detach().flatten()[0].item()} at step {step}; stopping. "
+                f"The last good checkpoint is {self.dir / 'last.pt'} (continue with --resume auto, "
+                f"e.g. with a lower learning rate or --amp off).")
+
+    # -- pictures ---------------------------------------------------------------------------
+    def save_grid(self, path, rows):
+        """Save rows of (3, H, W) [0, 1] images as one PNG (rank 0); images are padded to one size."""
+        if not self.is_main:
+            return None
+        h = max(im.shape[-2] for row in rows for im in row)
+        w = max(im.shape[-1] for row in rows for im in row)
+        pad = 2
+        canvas = torch.ones(3, len(rows) * (h + pad) - pad, max(len(r) for r in rows) * (w + pad) - pad)
+        for i, row in enumerate(rows):
+            for j, im in enumerate(row):
+                im = im.detach().float().cpu().clamp(0, 1)
+                im = im.expand(3, -1, -1) if im.shape[0] == 1 else im
+                canvas[:, i * (h + pad):i * (h + pad) + im.shape[-2], j * (w + pad):j * (w + pad) + im.shape[-1]] = im
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data.write_image(path, canvas)
+        return path
+
+    def write_index(self, title, sections):
+        """Write <dir>/index.html: sections of captioned images, then loss curves from log.jsonl.
+
+        `sections` is a list of (heading, [(caption, image_path or uint8 (H, W, 3) array), ...]).
+        Paths are linked relative to the run folder; arrays are embedded as PNG data URIs.
+        """
+        if not self.is_main:
+            return None
+        html = [f"<!doctype html><meta charset='utf-8'><title>{title}</title>",
+                "<style>body{font-family:sans-serif;margin:1em} figure{display:inline-block;margin:4px}"
+                " figcaption{font-size:12px} img{max-width:512px}</style>", f"<h1>{title}</h1>"]
+        for heading, items in sections:
+            html.append(f"<h2>{heading}</h2>")
+            for caption, image in items:
+                if isinstance(image, (str, Path)):
+                    src = os.path.relpath(Path(image).resolve(), self.dir.resolve())
+                else:
+                    buf = io.BytesIO()
+                    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buf, format="PNG")
+                    src = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+                html.append(f"<figure><img src='{src}'><figcaption>{caption}</figcaption></figure>")
+        html.append("<h2>Curves</h2>")
+        log = self.dir / "log.jsonl"
+        rows = [json.loads(r) for r in log.read_text().splitlines() if r] if log.exists() else []
+        keys = sorted({k for r in rows for k in r} - {"step", "time"})
+        html += [svg_curve(key, [(r["step"], r[key]) for r in rows if key in r]) for key in keys]
+        path = self.dir / "index.html"
+        tmp = path.with_name("index.html.tmp")
+        tmp.write_text("\n".join(html))
+        os.replace(tmp, path)
+        return path
+
+    def close(self):
+        """Tear down the process group (when distributed)."""
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def svg_curve(title, points, width=360, height=180):
+    """An inline SVG line plot of (x, y) points with its min/max labels (no plotting library)."""
+    points = [(x, y) for x, y in points if math.isfinite(y)]
+    if not points:
+        return ""
+    xs, ys = zip(*points)
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    sx = (width - 50) / ((x1 - x0) or 1)
+    sy = (height - 30) / ((y1 - y0) or 1)
+    line = " ".join(f"{40 + (x - x0) * sx:.1f},{height - 20 - (y - y0) * sy:.1f}" for x, y in points)
+    return (f"<svg width='{width}' height='{height}' style='border:1px solid #ccc;margin:4px'>"
+            f"<text x='40' y='12' font-size='12'>{title}</text>"
+            f"<text x='2' y='24' font-size='10'>{y1:.3g}</text>"
+            f"<text x='2' y='{height - 20}' font-size='10'>{y0:.3g}</text>"
+            f"<text x='40' y='{height - 4}' font-size='10'>{x0}</text>"
+            f"<text x='{width - 40}' y='{height - 4}' font-size='10'>{x1}</text>"
+            f"<polyline fill='none' stroke='#1f77b4' stroke-width='1.5' points='{line}'/></svg>")
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Networks
+# ---------------------------------------------------------------------------------------------
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Where each backbone's ImageNet checkpoint is published (we never download).
+PUBLISHED = {
+    "resnet18": "torchvision: https://download.pytorch.org/models/resnet18-f37072fd.pth",
+    "resnet34": "torchvision: https://download.pytorch.org/models/resnet34-b627a593.pth",
+    "resnet50": "torchvision: https://download.pytorch.org/models/resnet50-0676ba61.pth",
+    "resnet101": "torchvision: https://download.pytorch.org/models/resnet101-63fe2227.pth",
+    "resnet152": "torchvision: https://download.pytorch.org/models/resnet152-394f9c45.pth",
+    **{f"mit_b{i}": f"NVlabs/SegFormer README, 'ImageNet-1K pre-trained weights' (mit_b{i}.pth)" for i in range(6)},
+}
+
+
+def load_pretrained(module, path, name):
+    """Load an ImageNet checkpoint into a backbone strictly, ignoring its classification head."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained weights for {name} not found at {path}; published by {PUBLISHED[name]}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state)
+    state = {k: v for k, v in state.items() if not k.startswith(("fc.", "head."))}
+    module.load_state_dict(state, strict=True)
+    return module
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std with non-persistent buffers, so state_dicts stay checkpoint-compatible."""
+
+    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+# --- ResNet (He et al. 2016), torchvision's layout and parameter names --------------------------
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs + identity (ResNet-18/34). Dilation allowed (torchvision forbids it; our choice)."""
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, dilation=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, padding=dilation, dilation=dilation, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 (stride, dilation) -> 1x1 (x4) + identity (ResNet-50/101/152, torchvision's v1.5)."""
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, dilation=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + identity)
+
+
+RESNET_LAYERS = {18: (BasicBlock, [2, 2, 2, 2]), 34: (BasicBlock, [3, 4, 6, 3]), 50: (Bottleneck, [3, 4, 6, 3]),
+                 101: (Bottleneck, [3, 4, 23, 3]), 152: (Bottleneck, [3, 8, 36, 3])}
+
+
+class ResNet(nn.Module):
+    """ResNet without its classifier; forward returns the outputs of layer1..layer4 (strides 4, 8, 16, 32
+    or, with dilation replacing the last strides, 4, 8, 8, 8 at output stride 8 and 4, 8, 16, 16 at 16)."""
+
+    def __init__(self, depth, output_stride=None):
+        super().__init__()
+        if depth not in RESNET_LAYERS:
+            raise ValueError(f"ResNet depth must be one of {sorted(RESNET_LAYERS)}, got {depth}")
+        if output_stride not in (None, 8, 16, 32):
+            raise ValueError(f"output_stride must be 8, 16, 32 or None, got {output_stride}")
+        block, layers = RESNET_LAYERS[depth]
+        dilate = {8: (False, True, True), 16: (False, False, True)}.get(output_stride, (False, False, False))
+        self.inplanes, self.dilation = 64, 1
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.layer1 = self._make_layer(block, 64, layers[0])
+        self.layer2 = self._make_layer(block, 128, layers[1], 2, dilate[0])
+        self.layer3 = self._make_layer(block, 256, layers[2], 2, dilate[1])
+        self.layer4 = self._make_layer(block, 512, layers[3], 2, dilate[2])
+        self.channels = [64 * block.expansion, 128 * block.expansion, 256 * block.expansion, 512 * block.expansion]
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def _make_layer(self, block, planes, blocks, stride=1, dilate=False):
+        """As torchvision: a dilated layer keeps the previous dilation in its first block."""
+        previous_dilation = self.dilation
+        if dilate:
+            self.dilation, stride = self.dilation * stride, 1
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
+                                       nn.BatchNorm2d(planes * block.expansion))
+        layers = [block(self.inplanes, planes, stride, downsample, previous_dilation)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes, dilation=self.dilation) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        c1 = self.layer1(x)
+        c2 = self.layer2(c1)
+        c3 = self.layer3(c2)
+        c4 = self.layer4(c3)
+        return [c1, c2, c3, c4]
+
+
+def resnet(depth, output_stride=None, pretrained=None):
+    """ResNet-`depth` with torchvision's names (no fc); `pretrained`: a torchvision ImageNet checkpoint."""
+    model = ResNet(depth, output_stride)
+    if pretrained:
+        load_pretrained(model, pretrained, f"resnet{depth}")
+    return model
+
+
+def upsample(x, size):
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+# --- DeepLab-v2 (Chen et al. 2017), as trained by ASH (Sec. 4) and CLAN -------------------------
+
+class ASPPClassifier(nn.Module):
+    """DeepLab-v2's ASPP classifier: four 3x3 convs with dilations 6/12/18/24 whose outputs are summed."""
+
+    def __init__(self, in_channels, num_classes, dilations=(6, 12, 18, 24)):
+        super().__init__()
+        self.conv2d_list = nn.ModuleList(
+            nn.Conv2d(in_channels, num_classes, 3, padding=d, dilation=d) for d in dilations)
+        for conv in self.conv2d_list:
+            nn.init.normal_(conv.weight, 0, 0.01)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x):
+        return sum(conv(x) for conv in self.conv2d_list)
+
+
+class DeepLabV2(nn.Module):
+    """Dilated ResNet (output stride 8) + ASPP classifier `layer5`.
+
+    `multi_level=True` adds a second ASPP classifier `layer6` on the same layer4 features, as in CLAN
+    (the baseline of ASH, Table 5); `forward` then returns the sum of both (CLAN's prediction) and
+    `heads(x)` returns each. Attribute names `layer5`/`layer6`/`conv2d_list` follow AdaptSegNet/CLAN.
+    """
+
+    def __init__(self, num_classes=19, depth=101, multi_level=False, pretrained=None):
+        super().__init__()
+        self.normalize = Normalize()
+        self.backbone = resnet(depth, output_stride=8, pretrained=pretrained)
+        self.layer5 = ASPPClassifier(self.backbone.channels[3], num_classes)
+        self.layer6 = ASPPClassifier(self.backbone.channels[3], num_classes) if multi_level else None
+
+    def heads(self, x):
+        """Logits of each classifier at the input resolution: [(N, C, H, W)] (two with multi_level)."""
+        feat = self.backbone(self.normalize(x))[3]
+        classifiers = [self.layer5] + ([self.layer6] if self.layer6 is not None else [])
+        return [upsample(c(feat), x.shape[-2:]) for c in classifiers]
+
+    def forward(self, x):
+        return sum(self.heads(x))
+
+    def param_groups(self, lr):
+        """Backbone at lr, classifiers at 10 x lr (DeepLab-v2 / AdaptSegNet / CLAN recipe)."""
+        head = [p for m in (self.layer5, self.layer6) if m is not None for p in m.parameters()]
+        return [{"params": list(self.backbone.parameters()), "lr": lr},
+                {"params": head, "lr": 10 * lr}]
+
+
+# --- DeepLab-v3+ (Chen et al. 2018), Robusta's segmenter (F.1, Table A4) -------------------------
+
+def conv_bn_relu(cin, cout, k=1, dilation=1):
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=dilation * (k // 2), dilation=dilation, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class ASPPPooling(nn.Sequential):
+    """Image-level branch of ASPP: global average pool, 1x1 conv, BN, ReLU, broadcast back."""
+
+    def __init__(self, cin, cout):
+        super().__init__(nn.AdaptiveAvgPool2d(1), nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
+
+    def forward(self, x):
+        return super().forward(x).expand(-1, -1, *x.shape[-2:])
+
+
+class ASPP(nn.Module):
+    """DeepLab-v3 ASPP: 1x1 conv, three dilated 3x3 convs, image pooling; concatenated, projected to 256."""
+
+    def __init__(self, cin, rates, cout=256):
+        super().__init__()
+        self.convs = nn.ModuleList([conv_bn_relu(cin, cout)] + [conv_bn_relu(cin, cout, 3, r) for r in rates]
+                                   + [ASPPPooling(cin, cout)])
+        self.project = nn.Sequential(nn.Conv2d(5 * cout, cout, 1, bias=False), nn.BatchNorm2d(cout),
+                                     nn.ReLU(inplace=True), nn.Dropout(0.1))
+
+    def forward(self, x):
+        return self.project(torch.cat([conv(x) for conv in self.convs], 1))
+
+
+class DeepLabV3Plus(nn.Module):
+    """Dilated ResNet + ASPP (rates 12/24/36 at output stride 8, 6/12/18 at 16) + decoder that fuses
+    the upsampled ASPP output with 48-channel projected layer1 features (two 3x3 convs, then 1x1)."""
+
+    def __init__(self, num_classes=19, depth=101, output_stride=8, pretrained=None):
+        super().__init__()
+        rates = {8: (12, 24, 36), 16: (6, 12, 18)}[output_stride]
+        self.normalize = Normalize()
+        self.backbone = resnet(depth, output_stride=output_stride, pretrained=pretrained)
+        self.aspp = ASPP(self.backbone.channels[3], rates)
+        self.low_level = conv_bn_relu(self.backbone.channels[0], 48)
+        self.decoder = nn.Sequential(conv_bn_relu(256 + 48, 256, 3), conv_bn_relu(256, 256, 3))
+        self.classifier = nn.Conv2d(256, num_classes, 1)
+        self.backbone_lr_mult = 0.1 if pretrained else 1.0
+
+    def forward(self, x):
+        c1, _, _, c4 = self.backbone(self.normalize(x))
+        y = upsample(self.aspp(c4), c1.shape[-2:])
+        y = self.decoder(torch.cat([y, self.low_level(c1)], 1))
+        return upsample(self.classifier(y), x.shape[-2:])
+
+    def param_groups(self, lr):
+        """Head at lr; an ImageNet-initialised backbone at 0.1 x lr (our choice: the public
+        DeepLabV3Plus-Pytorch recipe, whose Cityscapes settings lr 0.1 / crop 768 / poly match Table A4),
+        a backbone trained from scratch at lr."""
+        head = [p for n, p in self.named_parameters() if not n.startswith("backbone.")]
+        return [{"params": list(self.backbone.parameters()), "lr": self.backbone_lr_mult * lr},
+                {"params": head, "lr": lr}]
+
+
+# --- SegFormer (Xie et al. 2021): MiT encoder + all-MLP decoder (Robusta's G_coarse branch, Table A7) --
+
+# widths, depths (official mix_transformer.py); heads 1/2/5/8, spatial reduction 8/4/2/1, MLP ratio 4.
+MIT = {"b0": ([32, 64, 160, 256], [2, 2, 2, 2]), "b1": ([64, 128, 320, 512], [2, 2, 2, 2]),
+       "b2": ([64, 128, 320, 512], [3, 4, 6, 3]), "b3": ([64, 128, 320, 512], [3, 4, 18, 3]),
+       "b4": ([64, 128, 320, 512], [3, 8, 27, 3]), "b5": ([64, 128, 320, 512], [3, 6, 40, 3])}
+MIT_HEADS, MIT_SR_RATIOS = [1, 2, 5, 8], [8, 4, 2, 1]
+DECODER_DIM = {"b0": 256, "b1": 256, "b2": 768, "b3": 768, "b4": 768, "b5": 768}
+
+
+def init_mit(m):
+    """The official initialisation: truncated normal (std 0.02) for linears, fan-out normal for convs."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Conv2d):
+        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+        nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+class OverlapPatchEmbed(nn.Module):
+    """Overlapping patch merging: a strided conv (7/4 for stage 1, 3/2 after) then LayerNorm on tokens."""
+
+    def __init__(self, cin, dim, patch_size, stride):
+        super().__init__()
+        self.proj = nn.Conv2d(cin, dim, patch_size, stride, patch_size // 2)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x):
+        x = self.proj(x)
+        h, w = x.shape[-2:]
+        return self.norm(x.flatten(2).transpose(1, 2)), h, w  # (N, h*w, dim)
+
+
+class EfficientAttention(nn.Module):
+    """Multi-head self-attention whose keys/values come from a sequence shortened by a strided conv
+    (spatial reduction ratio R: N tokens -> N / R^2)."""
+
+    def __init__(self, dim, heads, sr_ratio):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.sr_ratio = sr_ratio
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, sr_ratio, sr_ratio)
+            self.norm = nn.LayerNorm(dim, eps=1e-5)
+
+    def forward(self, x, h, w):
+        n, length, c = x.shape
+        q = self.q(x).reshape(n, length, self.heads, c // self.heads).transpose(1, 2)
+        if self.sr_ratio > 1:
+            x = self.norm(self.sr(x.transpose(1, 2).reshape(n, c, h, w)).flatten(2).transpose(1, 2))
+        k, v = self.kv(x).reshape(n, -1, 2, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d)) v
+        return self.proj(x.transpose(1, 2).reshape(n, length, c))
+
+
+class DWConv(nn.Module):
+    """3x3 depthwise conv on a token sequence (the positional information of Mix-FFN)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
+
+    def forward(self, x, h, w):
+        n, _, c = x.shape
+        return self.dwconv(x.transpose(1, 2).reshape(n, c, h, w)).flatten(2).transpose(1, 2)
+
+
+class MixFFN(nn.Module):
+    """Mix-FFN: fc1 -> 3x3 depthwise conv -> GELU -> fc2."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.dwconv = DWConv(hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x, h, w):
+        return self.fc2(self.act(self.dwconv(self.fc1(x), h, w)))
+
+
+def drop_path(x, p, training):
+    """Stochastic depth: drop the whole residual branch of a sample with probability p."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+class MiTBlock(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + Mix-FFN(norm2(x))."""
+
+    def __init__(self, dim, heads, sr_ratio, drop_path_rate, mlp_ratio=4):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = EfficientAttention(dim, heads, sr_ratio)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MixFFN(dim, dim * mlp_ratio)
+        self.drop_path = drop_path_rate
+
+    def forward(self, x, h, w):
+        x = x + drop_path(self.attn(self.norm1(x), h, w), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x), h, w), self.drop_path, self.training)
+
+
+class MixVisionTransformer(nn.Module):
+    """The MiT encoder; keys match the official mit_b*.pth (patch_embed1..4, block1..4, norm1..4).
+
+    forward(x) -> [(N, C1, H/4, W/4), (N, C2, H/8, W/8), (N, C3, H/16, W/16), (N, C4, H/32, W/32)].
+    """
+
+    def __init__(self, variant="b0", in_channels=3, drop_path_rate=0.1):
+        super().__init__()
+        if variant not in MIT:
+            raise ValueError(f"SegFormer variant must be one of {sorted(MIT)}, got {variant!r}")
+        widths, depths = MIT[variant]
+        self.channels = widths
+        n = sum(depths)
+        rates = [drop_path_rate * i / max(1, n - 1) for i in range(n)]  # stochastic depth: linear decay rule
+        cins = [in_channels] + widths[:3]
+        for i in range(4):
+            setattr(self, f"patch_embed{i + 1}", OverlapPatchEmbed(cins[i], widths[i], 7 if i == 0 else 3,
+                                                                   4 if i == 0 else 2))
+            first = sum(depths[:i])
+            setattr(self, f"block{i + 1}", nn.ModuleList(
+                MiTBlock(widths[i], MIT_HEADS[i], MIT_SR_RATIOS[i], rates[first + j]) for j in range(depths[i])))
+            setattr(self, f"norm{i + 1}", nn.LayerNorm(widths[i], eps=1e-6))
+        self.apply(init_mit)
+
+    def forward(self, x):
+        outs = []
+        for i in range(1, 5):
+            x, h, w = getattr(self, f"patch_embed{i}")(x)
+            for block in getattr(self, f"block{i}"):
+                x = block(x, h, w)
+            x = getattr(self, f"norm{i}")(x)
+            x = x.transpose(1, 2).reshape(x.shape[0], -1, h, w)
+            outs.append(x)
+        return outs
+
+
+class MLP(nn.Module):
+    """The decoder's per-stage linear embedding (a 1x1 conv written as a Linear on tokens)."""
+
+    def __init__(self, cin, dim):
+        super().__init__()
+        self.proj = nn.Linear(cin, dim)
+
+    def forward(self, x):
+        n, _, h, w = x.shape
+        return self.proj(x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(n, -1, h, w)
+
+
+class ConvModule(nn.Sequential):
+    """1x1 conv + BN + ReLU, with mmcv's ConvModule names (conv, bn) as in official checkpoints."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 1, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.activate = nn.ReLU(inplace=True)
+
+
+class SegFormerHead(nn.Module):
+    """All-MLP decoder: project each stage to embed_dim, upsample to H/4, concatenate (c4, c3, c2, c1),
+    fuse with a 1x1 conv-BN-ReLU (`linear_fuse`), dropout 0.1, classify (`linear_pred`)."""
+
+    def __init__(self, channels, dim, num_classes):
+        super().__init__()
+        for i in range(4):
+            setattr(self, f"linear_c{i + 1}", MLP(channels[i], dim))
+        self.linear_fuse = ConvModule(4 * dim, dim)
+        self.dropout = nn.Dropout(0.1)
+        self.linear_pred = nn.Conv2d(dim, num_classes, 1)
+
+    def fuse(self, feats):
+        size = feats[0].shape[-2:]
+        ys = [upsample(getattr(self, f"linear_c{i + 1}")(feats[i]), size) for i in (3, 2, 1, 0)]
+        return self.linear_fuse(torch.cat(ys, 1))  # (N, dim, H/4, W/4)
+
+    def forward(self, feats):
+        return self.linear_pred(self.dropout(self.fuse(feats)))
+
+
+class SegFormer(nn.Module):
+    """SegFormer-`variant` (b0..b5): MiT encoder (`.encoder`) + all-MLP decoder (`.decode_head`).
+
+    `in_channels` other than 3 (Robusta feeds a 35-channel one-hot label map) gets no normalisation
+    unless `normalize=(mean, std)` is given. `features(x)` returns the decoder's fused features
+    (N, embed_dim, H/4, W/4), before dropout and classifier (Robusta's G_coarse branch, Fig. A1).
+    """
+
+    def __init__(self, variant="b0", num_classes=19, in_channels=3, normalize=None, pretrained=None):
+        super().__init__()
+        if normalize is None:
+            normalize = (IMAGENET_MEAN, IMAGENET_STD) if in_channels == 3 else None
+        self.normalize = Normalize(*normalize) if normalize else nn.Identity()
+        self.encoder = MixVisionTransformer(variant, in_channels)
+        if pretrained:
+            load_pretrained(self.encoder, pretrained, f"mit_{variant}")
+        self.embed_dim = DECODER_DIM[variant]
+        self.decode_head = SegFormerHead(self.encoder.channels, self.embed_dim, num_classes)
+
+    def features(self, x):
+        return self.decode_head.fuse(self.encoder(self.normalize(x)))
+
+    def forward(self, x):
+        return upsample(self.decode_head(self.encoder(self.normalize(x))), x.shape[-2:])
+
+    def param_groups(self, lr):
+        """Encoder at lr, decoder at 10 x lr (the official SegFormer recipe, head lr_mult 10)."""
+        return [{"params": list(self.encoder.parameters()), "lr": lr},
+                {"params": list(self.decode_head.parameters()), "lr": 10 * lr}]
+
+
+MODELS = [f"deeplabv2-r{d}" for d in (18, 34, 50, 101)] + [f"deeplabv3plus-r{d}" for d in (18, 50, 101)] \
+    + [f"segformer-b{i}" for i in range(6)]
+
+
+def build_model(name, num_classes=19, pretrained=None, **kwargs):
+    """A segmenter by name: deeplabv2-r{18,34,50,101}, deeplabv3plus-r{18,50,101}, segformer-b{0..5}.
+
+    `pretrained` is the backbone's ImageNet checkpoint (torchvision resnet*.pth or mit_b*.pth);
+    extra keyword arguments go to the class (e.g. output_stride, multi_level).
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
+    family, size = name.split("-")
+    if family == "deeplabv2":
+        return DeepLabV2(num_classes, int(size[1:]), pretrained=pretrained, **kwargs)
+    if family == "deeplabv3plus":
+        return DeepLabV3Plus(num_classes, int(size[1:]), pretrained=pretrained, **kwargs)
+    return SegFormer(size, num_classes, pretrained=pretrained, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Training: datasets, the mean teacher of Robusta F.1, Table A4 presets, the loop
+# ---------------------------------------------------------------------------------------------
+
+class GeneratedDataset(data.Cityscapes):
+    """A dataset written by robusta.py's generation: a Cityscapes tree (`_leftImg8bit.png`,
+    `_gtFine_labelIds.png`) plus `manifest.json` (generator checkpoint hash, edits, seeds)."""
+
+    def __init__(self, root, split="train", size=None, transform=None):
+        manifest = Path(root) / "manifest.json"
+        if not manifest.is_file():
+            raise FileNotFoundError(f"{manifest} not found: a generated dataset is the folder written by "
+                                    f"robusta.py's generation (Cityscapes layout + manifest.json)")
+        self.manifest = json.loads(manifest.read_text())
+        super().__init__(root, split, size=size, transform=transform)
+
+
+def collate(samples):
+    """Batch the keys every segmentation dataset shares (real and generated sets differ in extras)."""
+    batch = {"image": torch.stack([s["image"] for s in samples]),
+             "labels": torch.stack([s["labels"] for s in samples]), "name": [s["name"] for s in samples]}
+    if all("anomaly" in s for s in samples):
+        batch["anomaly"] = torch.stack([s["anomaly"] for s in samples])
+    return batch
+
+
+class MeanTeacher:
+    """Robusta F.1: a teacher DNN that is the exponential moving average of the student
+    (Tarvainen & Valpola, 2017) and pseudo-labels the generated images for the student.
+
+    Our choices where F.1 is silent: EMA decay 0.999 with Tarvainen's ramp min(decay, 1 - 1/(step+1));
+    buffers (BN statistics) copied from the student; pseudo-labels are the teacher's argmax where
+    its max softmax probability reaches `threshold` (elsewhere 255, ignored).
+    """
+
+    def __init__(self, student, decay=0.999):
+        self.teacher = copy.deepcopy(unwrap(student)).eval().requires_grad_(False)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, student, step):
+        decay = min(self.decay, 1.0 - 1.0 / (step + 1))
+        student = unwrap(student)
+        for t, s in zip(self.teacher.parameters(), student.parameters()):
+            t.lerp_(s.detach(), 1.0 - decay)  # Robusta F.1: teacher = EMA of the student
+        for t, s in zip(self.teacher.buffers(), student.buffers()):
+            t.copy_(s)
+
+    @torch.no_grad()
+    def pseudo_labels(self, images, threshold):
+        confidence, labels = self.teacher(images).softmax(1).max(1)  # (N, H, W)
+        return labels.masked_fill(confidence < threshold, data.IGNORE_INDEX)
+
+
+# Table A4 (Robusta supplementary): DeepLab-v3+, output stride 8, SGD + poly. "epochs" count passes
+# over the real + generated training set; crop None = whole images.
+PRESETS = {
+    "streethazards": dict(model="deeplabv3plus-r50", lr=0.02, batch_size=4, epochs=25, weight_decay=1e-4, crop=None),
+    "bdd-anomaly": dict(model="deeplabv3plus-r50", lr=0.02, batch_size=4, epochs=25, weight_decay=1e-4, crop=None),
+    "cityscapes": dict(model="deeplabv3plus-r101", lr=0.1, batch_size=8, epochs=80, weight_decay=1e-4,
+                       crop=(768, 768)),
+    "streethazards-ood": dict(model="deeplabv3plus-r50", lr=0.002, batch_size=6, epochs=15, weight_decay=0.0,
+                              crop=(80, 150)),
+    "bdd-anomaly-ood": dict(model="deeplabv3plus-r50", lr=0.002, batch_size=6, epochs=15, weight_decay=0.0,
+                            crop=(80, 150)),
+    # Our choice, not in the paper: the ToyCity demo (from scratch, CPU, under 10 minutes on 2 cores):
+    # 4 minutes of training on random 64x128 crops, then evaluation on 20 images per split.
+    "toycity-demo": dict(model="deeplabv3plus-r50", lr=0.02, batch_size=4, epochs=None, weight_decay=1e-4,
+                         crop=(64, 128), size=(128, 256), output_stride=16, train_minutes=4.0,
+                         corruptions=["gaussian_noise", "motion_blur", "fog", "contrast"], severities=[3],
+                         max_eval_images=20),
+}
+DATASET_PRESET = {"toycity": "toycity-demo", "cityscapes": "cityscapes", "streethazards": "streethazards",
+                  "bdd100k": "bdd-anomaly"}
+# SegFormer's own recipe (Xie et al.): AdamW, lr 6e-5, weight decay 0.01, poly power 1.
+SEGFORMER_RECIPE = dict(optimizer="adamw", lr=6e-5, weight_decay=0.01, poly_power=1.0)
+# Everything else: DeepLab's SGD recipe.
+DEFAULTS = dict(optimizer="sgd", poly_power=0.9, output_stride=8, severities=[1, 2, 3, 4, 5])
+
+# --dataset name -> reader class of data.py
+DATASETS = {"toycity": "Cityscapes", "cityscapes": "Cityscapes", "gta5": "GTA5", "synthia": "Synthia",
+            "mapillary": "Mapillary", "bdd100k": "BDD100K", "streethazards": "StreetHazards"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="toycity", choices=sorted(DATASETS), help="training dataset")
+    p.add_argument("--data-root", default=None,
+                   help="dataset root (toycity: a root with source/ target/ outlier/; default: the cached ToyCity)")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="settings of Table A4 (default: the dataset's); explicit flags override")
+    p.add_argument("--model", default=None, choices=MODELS, help="segmenter (Table A4: deeplabv3plus-r50/r101)")
+    p.add_argument("--output-stride", type=int, default=None, choices=[8, 16],
+                   help="DeepLab-v3+ output stride (Table A4: 8)")
+    p.add_argument("--multi-level", action="store_true", help="DeepLab-v2: second classifier as in CLAN")
+    p.add_argument("--pretrained", default=None, help="ImageNet checkpoint of the backbone (resnet*.pth, mit_b*.pth)")
+    p.add_argument("--weights", default=None, help="a segmenter checkpoint to start from / evaluate")
+    p.add_argument("--optimizer", default=None, choices=["sgd", "adamw"], help="sgd (DeepLab) or adamw (SegFormer)")
+    p.add_argument("--lr", type=float, default=None, help="base learning rate (Table A4)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=None, help="weight decay (Table A4)")
+    p.add_argument("--poly-power", type=float, default=None, help="poly schedule power (0.9 DeepLab, 1.0 SegFormer)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per step per process (Table A4)")
+    p.add_argument("--epochs", type=int, default=None, help="passes over the training set (Table A4)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (overrides --epochs)")
+    p.add_argument("--train-minutes", type=float, default=None,
+                   help="cap the steps so that training takes about this long (rate measured on steps 2-4; 0: no cap)")
+    p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"), help="resize every image first")
+    p.add_argument("--crop", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="random scale (0.5-2) + crop for training (Table A4); default: whole images, flips only")
+    p.add_argument("--generated", action="append", default=[],
+                   help="a generated dataset (robusta.py) mixed with the real one; repeatable")
+    p.add_argument("--no-real", action="store_true", help="train on the generated data only (Table A10, row 4)")
+    p.add_argument("--mean-teacher", action="store_true", help="Robusta F.1: EMA teacher + pseudo-labels on generated")
+    p.add_argument("--ema", type=float, default=0.999, help="teacher EMA decay (our choice)")
+    p.add_argument("--pseudo-threshold", type=float, default=0.9,
+                   help="teacher confidence for a pseudo-label (our choice)")
+    p.add_argument("--pseudo-weight", type=float, default=1.0, help="weight of the pseudo-label loss (our choice)")
+    p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
+    p.add_argument("--eval-mode", default="whole", choices=["whole", "slide"], help="whole-image or sliding window")
+    p.add_argument("--eval-crop", type=int, nargs=2, default=(512, 1024), help="sliding-window size (H W)")
+    p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="multi-scale inference, e.g. 0.75 1 1.25")
+    p.add_argument("--eval-batch-size", type=int, default=2)
+    p.add_argument("--corruptions", nargs="*", default=None,
+                   help="corruptions to evaluate (default: all of data.CORRUPTIONS; give none to skip)")
+    p.add_argument("--severities", type=int, nargs="+", default=None, help="corruption severities (default 1..5)")
+    p.add_argument("--target-dataset", default=None, choices=sorted(DATASETS), help="unseen domain to evaluate")
+    p.add_argument("--target-root", default=None, help="root of --target-dataset")
+    p.add_argument("--ood-dataset", default=None, choices=["cityscapes", "streethazards"],
+                   help="outlier split with an anomaly map (ToyCity's outlier/ is a cityscapes layout)")
+    p.add_argument("--ood-root", default=None, help="root of --ood-dataset")
+    p.add_argument("--max-eval-images", type=int, default=None, help="evaluate on the first N images only (0: all)")
+    p.add_argument("--no-eval", action="store_true", help="train only")
+    p.add_argument("--eval-only", action="store_true", help="evaluate --weights (or the --resume checkpoint)")
+    add_run_args(p, "segment")
+    return p.parse_args(argv)
+
+
+def resolve_args(args):
+    """Fill unset options: explicit flags > SegFormer recipe (for a SegFormer) > preset (Table A4) > defaults."""
+    preset = PRESETS[args.preset or DATASET_PRESET.get(args.dataset, "cityscapes")]
+    args.model = args.model or preset["model"]
+    recipe = SEGFORMER_RECIPE if args.model.startswith("segformer") else {}
+    for key, value in {**DEFAULTS, **preset, **recipe}.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.epochs is None and args.steps is None:  # a time budget without a step count: --train-minutes decides
+        args.steps = 10**6 if args.train_minutes else 2000
+    return args
+
+
+def dataset_roots(args):
+    """(train, val, target val, ood) datasets for args.dataset; ToyCity: source / target / outlier."""
+    cls = getattr(data, DATASETS[args.dataset])
+    size = tuple(args.size) if args.size else None
+    if args.dataset == "toycity":
+        root = Path(args.data_root) if args.data_root else data.toycity(size=tuple(args.size or (128, 256)))
+        train = cls(root / "source", "train", size=size)
+        val = cls(root / "source", "val", size=size)
+        target = cls(root / "target", "val", size=size) if (root / "target").exists() else None
+        ood = cls(root / "outlier", "val", size=size) if (root / "outlier").exists() else None
+        return train, val, target, ood
+    if args.data_root is None:
+        raise ValueError(f"--data-root is required for --dataset {args.dataset}")
+    train, val = cls(args.data_root, "train", size=size), cls(args.data_root, "val", size=size)
+    target = None
+    if args.target_dataset:
+        target = getattr(data, DATASETS[args.target_dataset])(args.target_root, "val", size=size)
+    ood = None
+    if args.ood_dataset:
+        ood = getattr(data, DATASETS[args.ood_dataset])(
+            args.ood_root, "val" if args.ood_dataset == "cityscapes" else "test", size=size)
+    return train, val, target, ood
+
+
+def make_optimizer(model, args):
+    """SGD (momentum 0.9) or AdamW over the model's param groups; each group remembers its base lr."""
+    groups = model.param_groups(args.lr)
+    for g in groups:
+        g["initial_lr"] = g["lr"]
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+
+
+def jsonable(args):
+    """argparse Namespace -> dict of JSON primitives (safe for torch.load(weights_only=True))."""
+    return json.loads(json.dumps(vars(args), default=str))
+
+
+def train_segmenter(args):
+    """Train (and evaluate) a segmenter; the CLI of this file. Returns (model, results dict)."""
+    resolve_args(args)
+    run = Run(args)
+    train_set, val_set, target_set, ood_set = dataset_roots(args)
+    transform = [data.RandomFlip()]
+    if args.crop:
+        transform.insert(0, data.RandomScaleCrop(tuple(args.crop)))
+    train_set.transform = data.Compose(transform)
+    generated = [GeneratedDataset(root, size=tuple(args.size) if args.size else None, transform=train_set.transform)
+                 for root in args.generated]
+    supervised = torch.utils.data.ConcatDataset(([] if args.no_real else [train_set]) + generated)
+    if args.mean_teacher and not generated:
+        raise ValueError("--mean-teacher pseudo-labels generated images: give at least one --generated PATH")
+
+    kwargs = {}
+    if args.model.startswith("deeplabv3plus"):
+        kwargs["output_stride"] = args.output_stride
+    if args.model.startswith("deeplabv2"):
+        kwargs["multi_level"] = args.multi_level
+    model = build_model(args.model, data.NUM_CLASSES, args.pretrained, **kwargs)
+    if args.weights:
+        model.load_state_dict(load_weights(args.weights))
+    optimizer = make_optimizer(model, args)
+    teacher = MeanTeacher(model, args.ema) if args.mean_teacher else None
+
+    loader = run.loader(supervised, args.batch_size, shuffle=True, drop_last=True, collate_fn=collate)
+    total = args.steps or args.epochs * len(loader)
+    step = 0
+    state = run.resume()
+    if args.eval_only and state is None and not args.weights:
+        raise ValueError("--eval-only needs trained weights: --weights PATH or --resume auto|PATH")
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        run.scaler.load_state_dict(state["scaler"])
+        if teacher is not None:
+            teacher.teacher.load_state_dict(state["teacher"])
+        run.set_rng_state(state["rng"])
+        step, total = state["step"], state["total"]
+    model = run.wrap(model)
+    if teacher is not None:
+        teacher.teacher.to(run.device)
+
+    def checkpoint(step):
+        state = {"step": step, "total": total, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                 "scaler": run.scaler.state_dict(), "rng": run.rng_state(), "args": jsonable(args)}
+        if teacher is not None:
+            state["teacher"] = teacher.teacher.state_dict()
+        run.save(state)
+
+    if not args.eval_only and step < total:
+        pseudo_batches = None
+        if teacher is not None:
+            pseudo_loader = run.loader(torch.utils.data.ConcatDataset(generated), args.batch_size, shuffle=True,
+                                       collate_fn=collate)
+            pseudo_batches = run.batches(pseudo_loader, step, total)
+        model.train()
+        first, t_start = step, None
+        measure = args.train_minutes and state is None  # a resumed run keeps the total it measured
+        for step, batch in run.batches(loader, step, total):
+            for g in optimizer.param_groups:
+                g["lr"] = poly_lr(g["initial_lr"], step, total, args.poly_power)  # poly schedule
+            images = batch["image"].to(run.device, non_blocking=True)
+            labels = batch["labels"].to(run.device, non_blocking=True)
+            n = images.shape[0]
+            if pseudo_batches is not None:  # Robusta F.1: pseudo-labels of the EMA teacher on generated images
+                generated_images = next(pseudo_batches)[1]["image"].to(run.device, non_blocking=True)
+                with run.autocast():
+                    pseudo = teacher.pseudo_labels(generated_images, args.pseudo_threshold)
+                images = torch.cat([images, generated_images])
+            if args.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with run.autocast():
+                logits = model(images).float()
+                loss_sup = F.cross_entropy(logits[:n], labels, ignore_index=data.IGNORE_INDEX)
+                loss = loss_sup
+                if pseudo_batches is not None:  # F.1: supervised and pseudo-label losses together
+                    loss_pseudo = F.cross_entropy(logits[n:], pseudo, ignore_index=data.IGNORE_INDEX)
+                    loss = loss_sup + args.pseudo_weight * loss_pseudo
+            run.check_finite(loss, step)
+            optimizer.zero_grad(set_to_none=True)
+            run.scaler.scale(loss).backward()
+            run.scaler.step(optimizer)
+            run.scaler.update()
+            if teacher is not None:
+                teacher.update(model, step)
+            scalars = {"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]}
+            if pseudo_batches is not None:
+                scalars.update(loss_sup=loss_sup.item(), loss_pseudo=loss_pseudo.item(),
+                               pseudo_fraction=(pseudo != data.IGNORE_INDEX).float().mean().item())
+            done = step + 1
+            if done == first + 1:  # the first step warms up; the next three are timed
+                t_start = time.time()
+            if measure and done == first + 4:
+                total = min(total, budget_steps(run, done, (time.time() - t_start) / 3, args.train_minutes))
+            if done % args.log_every == 0 or done == total:
+                run.log(done, **scalars)
+                run.progress(done, total, **scalars)
+            if done % args.checkpoint_every == 0 or done == total:
+                checkpoint(done)
+            if done >= total:
+                break
+    if args.no_eval:
+        run.close()
+        return unwrap(model), {}
+    results = {}
+    if run.is_main:
+        results = evaluate_all(unwrap(model), args, run, val_set, target_set, ood_set)
+    run.close()
+    return unwrap(model), results
+
+
+def budget_steps(run, done, seconds_per_step, minutes):
+    """Total steps that fit in `minutes` of training at the measured rate (same on every rank)."""
+    steps = torch.tensor([max(done, int(minutes * 60 / seconds_per_step))], device=run.device)
+    if run.distributed:
+        dist.broadcast(steps, 0)  # gloo/nccl: rank 0 decides for all
+    if run.is_main:
+        print(f"[{run.args.name}] --train-minutes {minutes}: {seconds_per_step:.2f} s/step -> {int(steps)} steps",
+              flush=True)
+    return int(steps)
+
+
+def load_weights(path):
+    """A segmenter state_dict from a checkpoint of this file (key "model") or a bare state_dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"segmenter weights not found at {path} (a runs/<name>/last.pt of segment.py)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("model", state)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Evaluation: inference, mIoU (clean, corrupted: Table A10 protocol), OOD detection
+# ---------------------------------------------------------------------------------------------
+
+def slide_window(model, images, crop, stride=None):
+    """Sliding-window inference: average the logits of overlapping crop-sized windows (stride 2/3 crop)."""
+    n, _, h, w = images.shape
+    ch, cw = min(crop[0], h), min(crop[1], w)
+    sh, sw = stride or (max(1, 2 * ch // 3), max(1, 2 * cw // 3))
+    logits, count = None, images.new_zeros(1, 1, h, w)
+    for i in range(max(h - ch + sh - 1, 0) // sh + 1):
+        for j in range(max(w - cw + sw - 1, 0) // sw + 1):
+            y1, x1 = min(i * sh, h - ch), min(j * sw, w - cw)
+            out = model(images[..., y1:y1 + ch, x1:x1 + cw])
+            if logits is None:
+                logits = images.new_zeros(n, out.shape[1], h, w)
+            logits[..., y1:y1 + ch, x1:x1 + cw] += out
+            count[..., y1:y1 + ch, x1:x1 + cw] += 1
+    return logits / count
+
+
+@torch.no_grad()
+def predict(model, images, mode="whole", scales=(1.0,), crop=(512, 1024), flip=False):
+    """Logits (N, C, H, W) at the input resolution: whole image or sliding window, averaged over
+    `scales` (bilinear rescaling of the input) and, with `flip`, horizontal flips."""
+    h, w = images.shape[-2:]
+    total, count = 0, 0
+    for s in scales:
+        x = images if s == 1 else F.interpolate(images, scale_factor=s, mode="bilinear", align_corners=False)
+        for flipped in ((False, True) if flip else (False,)):
+            xi = x.flip(-1) if flipped else x
+            y = model(xi) if mode == "whole" else slide_window(model, xi, crop)
+            y = y.flip(-1) if flipped else y
+            total, count = total + upsample(y.float(), (h, w)), count + 1
+    return total / count
+
+
+def eval_loader(dataset, batch_size=2, max_images=None, workers=0):
+    if max_images and max_images < len(dataset):
+        dataset = torch.utils.data.Subset(dataset, range(max_images))
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate,
+                                       num_workers=workers)
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, num_classes=19, **predict_kwargs):
+    """One confusion matrix over the whole loader (Cityscapes convention) -> metrics.ConfusionMatrix."""
+    model.eval()
+    cm = metrics.ConfusionMatrix(num_classes)
+    for batch in loader:
+        logits = predict(model, batch["image"].to(device), **predict_kwargs)
+        cm.update(logits.argmax(1).cpu(), batch["labels"])
+    return cm
+
+
+class Corrupted(torch.utils.data.Dataset):
+    """A dataset whose images pass through data.corrupt(name, severity), seeded by the index."""
+
+    def __init__(self, dataset, name, severity):
+        self.dataset, self.name, self.severity = dataset, name, severity
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        sample = dict(self.dataset[index])
+        sample["image"] = data.corrupt(sample["image"], self.name, self.severity, seed=index)
+        return sample
+
+
+def evaluate_corruptions(model, dataset, device, corruptions=None, severities=(1, 2, 3, 4, 5), num_classes=19,
+                         batch_size=2, max_images=None, **predict_kwargs):
+    """mIoU under every corruption x severity and their mean (Table A10 / Cityscapes-C protocol).
+
+    Returns {"miou": {name: {severity: mIoU}}, "mean": mean over all, "per_corruption": {name: mean}}.
+    """
+    corruptions = data.CORRUPTIONS if corruptions is None else corruptions
+    table = {}
+    for name in corruptions:
+        table[name] = {}
+        for severity in severities:
+            loader = eval_loader(Corrupted(dataset, name, severity), batch_size, max_images)
+            table[name][severity] = evaluate(model, loader, device, num_classes, **predict_kwargs).miou()
+    per = {name: float(np.mean(list(v.values()))) for name, v in table.items()}
+    mean = float(np.mean(list(per.values()))) if per else float("nan")  # Table A10: mean over corruptions x severities
+    return {"miou": table, "per_corruption": per, "mean": mean}
+
+
+@torch.no_grad()
+def evaluate_ood(model, loader, device, kinds=("msp", "entropy", "maxlogit"), **predict_kwargs):
+    """Pixel-level OOD detection on a split with an "anomaly" map (1 = OOD, 0 = in-distribution, 255 = void):
+    AUROC, AUPR, FPR95 for each anomaly score (max softmax probability, entropy, max logit)."""
+    model.eval()
+    meters = {kind: metrics.OODMeter() for kind in kinds}
+    for batch in loader:
+        if "anomaly" not in batch:
+            raise ValueError("evaluate_ood needs samples with an 'anomaly' map (ToyCity outlier/, StreetHazards)")
+        logits = predict(model, batch["image"].to(device), **predict_kwargs).cpu()
+        anomaly = batch["anomaly"]
+        for kind in kinds:
+            # Robusta F.2 / Table A4 (outlier detection): pixel-level scores, OOD = positive
+            meters[kind].update(metrics.anomaly_scores(logits, kind), anomaly == 1, anomaly != 255)
+    return {kind: meter.compute() for kind, meter in meters.items()}
+
+
+def evaluate_all(model, args, run, val_set, target_set, ood_set):
+    """Everything the CLI reports: per-class IoU tables, corruptions, OOD; results.json + index.html."""
+    device, kw = run.device, dict(mode=args.eval_mode, scales=tuple(args.scales), crop=tuple(args.eval_crop))
+    results, pictures = {}, []
+    for split, dataset in (("val", val_set), ("target", target_set)):
+        if dataset is None:
+            continue
+        loader = eval_loader(dataset, args.eval_batch_size, args.max_eval_images)
+        cm = evaluate(model, loader, device, data.NUM_CLASSES, **kw)
+        results[split] = {"miou": cm.miou(), "iou": dict(zip(data.CLASS_NAMES, cm.iou().tolist()))}
+        print(f"\n{split}: mIoU {100 * cm.miou():.2f}\n{cm.table(data.CLASS_NAMES)}", flush=True)
+        pictures.append((f"{split}: image / ground truth / prediction", sample_pictures(model, dataset, device, kw)))
+    if args.corruptions != []:
+        corr = evaluate_corruptions(model, val_set, device, args.corruptions, tuple(args.severities),
+                                    data.NUM_CLASSES, args.eval_batch_size, args.max_eval_images, **kw)
+        results["corruptions"] = corr
+        print(corruption_table(corr), flush=True)
+        name = next(iter(corr["miou"]))
+        pictures.append((f"corrupted val ({name}, severity {max(args.severities)})", sample_pictures(
+            model, Corrupted(val_set, name, max(args.severities)), device, kw)))
+    if ood_set is not None:
+        ood = evaluate_ood(model, eval_loader(ood_set, args.eval_batch_size, args.max_eval_images), device, **kw)
+        results["ood"] = ood
+        print("\nOOD detection (pixels; OOD = positive)\n| score | AUROC | AUPR | FPR95 |\n|---|---:|---:|---:|")
+        for kind, m in ood.items():
+            print(f"| {kind} | {100 * m['auroc']:.2f} | {100 * m['aupr']:.2f} | {100 * m['fpr95']:.2f} |", flush=True)
+        pictures.append(("outlier split: image / ground truth / prediction",
+                         sample_pictures(model, ood_set, device, kw)))
+    (run.dir / "results.json").write_text(json.dumps(results, indent=2))
+    run.write_index(f"segment.py: {args.model} on {args.dataset}", pictures)
+    print(f"\nresults: {run.dir / 'results.json'}, pictures: {run.dir / 'index.html'}", flush=True)
+    return results
+
+
+def corruption_table(corr):
+    """A Markdown table of mIoU (%) per corruption (rows) and severity (columns)."""
+    severities = list(next(iter(corr["miou"].values())))
+    lines = ["\nmIoU (%) under corruptions", "| corruption | " + " | ".join(f"s{s}" for s in severities) + " | mean |",
+             "|---|" + "---:|" * (len(severities) + 1)]
+    for name, row in corr["miou"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{100 * v:.1f}" for v in row.values())
+                     + f" | {100 * corr['per_corruption'][name]:.1f} |")
+    lines.append(f"| **mean** | " + " | " * len(severities) + f"**{100 * corr['mean']:.1f}** |")
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def sample_pictures(model, dataset, device, predict_kwargs, count=3):
+    """[(caption, uint8 (H, 3W, 3) image | colour ground truth | colour prediction)] for index.html."""
+    model.eval()
+    out = []
+    for i in range(min(count, len(dataset))):
+        sample = dataset[i]
+        pred = predict(model, sample["image"][None].to(device), **predict_kwargs).argmax(1)[0].cpu()
+        image = (sample["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        row = np.concatenate([image, data.colorize(sample["labels"].numpy()), data.colorize(pred.numpy())], 1)
+        out.append((sample["name"], row))
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    train_segmenter(args)
+
+
+if __name__ == "__main__":
+    main()
