@@ -1,0 +1,277 @@
+"""Robusta (robusta.py): label morphology (Appendix D), networks (Table A1), losses (Eq. A1-A9),
+two-stage training, checkpoints and dataset generation, at tiny sizes on CPU."""
+import json
+
+import pytest
+import torch
+import torchvision
+
+import data
+import robusta
+from robusta import (GCoarse, GFine, MultiscaleDiscriminator, SPADE, VGGLoss, closing, dilate, dilate_labels, erode,
+                     erode_labels, opening, structuring_element)
+
+ROAD, SIDEWALK, PERSON, CAR, SIGN = 7, 8, 24, 26, 20
+
+
+def brute_dilate(x, se):
+    """Eq. (A11) literally: max over h in B of x(p - h), outside the image ignored."""
+    kh, kw = se.shape
+    out = torch.full_like(x, float("-inf"))
+    for i, j in se.nonzero().tolist():
+        dy, dx = i - kh // 2, j - kw // 2
+        for y in range(x.shape[-2]):
+            for x_ in range(x.shape[-1]):
+                if 0 <= y - dy < x.shape[-2] and 0 <= x_ - dx < x.shape[-1]:
+                    out[..., y, x_] = torch.maximum(out[..., y, x_], x[..., y - dy, x_ - dx])
+    return out
+
+
+def tiny_elements():
+    torch.manual_seed(0)
+    return [structuring_element("square", 3), structuring_element("rectangle", (2, 5)), structuring_element("cross", 5),
+            structuring_element("disk", 2), torch.rand(3, 4) > 0.4]
+
+
+# --- Label morphology (Appendix D) ------------------------------------------------------------
+
+
+def test_structuring_elements():
+    assert structuring_element("square", 15).sum() == 225
+    assert torch.equal(structuring_element("disk", 1), structuring_element("cross", 3))
+    assert structuring_element("disk", 2).sum() == 13  # x^2 + y^2 <= 4
+    assert structuring_element("rectangle", (3, 7)).shape == (3, 7)
+    with pytest.raises(ValueError):
+        structuring_element("hexagon", 3)
+
+
+def test_dilation_is_eq_a11_and_erosion_its_adjoint():
+    x = torch.randn(2, 3, 9, 11)
+    for se in tiny_elements():
+        assert torch.equal(dilate(x, se), brute_dilate(x, se))
+        # erosion = min over h of x(p + h) = -dilation of -x by the reflected element (duality)
+        reflected = torch.zeros(se.shape[0] + 1 - se.shape[0] % 2, se.shape[1] + 1 - se.shape[1] % 2, dtype=torch.bool)
+        reflected[:se.shape[0], :se.shape[1]] = se  # odd-sized copy with the same origin...
+        reflected = reflected.flip(0, 1)  # ...then reflected about it
+        assert torch.equal(erode(x, se), -dilate(-x, reflected))
+
+
+def test_lattice_laws():
+    torch.manual_seed(1)
+    x, y = torch.randn(1, 2, 12, 10), torch.randn(1, 2, 12, 10)
+    for se in tiny_elements():
+        if se[se.shape[0] // 2, se.shape[1] // 2]:  # origin in B: anti-extensive erosion, extensive dilation
+            assert (erode(x, se) <= x).all() and (x <= dilate(x, se)).all()
+        o, c = opening(x, se), closing(x, se)
+        assert (o <= x).all() and (x <= c).all()
+        assert torch.equal(opening(o, se), o) and torch.equal(closing(c, se), c)  # idempotent
+        # adjunction: dilate(x) <= y  <=>  x <= erode(y)
+        for a, b in ((x, dilate(x, se)), (erode(y, se), y), (x, y), (x, dilate(x, se) - 1e-3)):
+            assert bool((dilate(a, se) <= b).all()) == bool((a <= erode(b, se)).all())
+
+
+def test_integer_maps_and_borders():
+    x = torch.zeros(1, 1, 5, 5, dtype=torch.uint8)
+    x[0, 0, 0, 0] = 9
+    d = dilate(x, structuring_element("square", 3))
+    assert d.dtype == torch.uint8 and d[0, 0, :2, :2].eq(9).all() and d.sum() == 9 * 4
+    assert erode(torch.ones(1, 1, 4, 4), structuring_element("disk", 3)).eq(1).all()  # borders do not erode
+
+
+def scene():
+    """9x9: road (cols 0-5) and sidewalk (cols 6-8); a car block rows 2-6, cols 2-6; a person pixel."""
+    labels = torch.full((1, 9, 9), ROAD)
+    labels[..., 6:] = SIDEWALK
+    labels[0, 2:7, 2:7] = CAR
+    labels[0, 4, 7] = PERSON
+    return labels
+
+
+def test_label_dilation_follows_the_lexicographic_order():
+    labels = scene()
+    out = dilate_labels(labels, structuring_element("cross", 3))
+    assert out[0, 4, 8] == PERSON and out[0, 3, 7] == PERSON and out[0, 4, 6] == PERSON  # person > car
+    assert out[0, 1, 2] == CAR and out[0, 2, 1] == CAR and out[0, 1, 1] == ROAD  # car grows over stuff by the cross
+    changed = out != labels
+    assert torch.isin(out[changed], torch.tensor([PERSON, CAR])).all()  # stuff changes only under a grown object
+    assert (out[labels == PERSON] == PERSON).all()  # the higher rank is never overgrown
+    only_cars = dilate_labels(labels, structuring_element("cross", 3), classes=["car"])
+    assert (only_cars == PERSON).sum() == 1 and only_cars[0, 4, 6] == CAR  # persons do not grow
+
+
+def test_label_erosion_frees_pixels_to_the_window_majority():
+    labels = scene()
+    labels[0, 4, 7] = SIDEWALK
+    out = erode_labels(labels, structuring_element("square", 3))
+    assert (out == CAR).sum() == 9 and (out[0, 3:6, 3:6] == CAR).all()
+    assert out[0, 2, 2] == ROAD  # window: 5 road pixels, 0 sidewalk
+    assert out[0, 2, 6] == SIDEWALK  # window: 4 sidewalk pixels, 1 road
+    person = torch.full((1, 5, 6), ROAD)
+    person[0, :, 3:] = CAR
+    person[0, 1:4, 1:4] = PERSON  # a person in front of a car
+    eroded = erode_labels(person, structuring_element("square", 3))
+    assert eroded[0, 2, 3] == CAR and eroded[0, 2, 2] == PERSON and eroded[0, 1, 1] == ROAD  # inf = the lower object
+    only_cars = erode_labels(person, structuring_element("square", 3), classes=["car"])
+    assert torch.equal(only_cars == PERSON, person == PERSON) and only_cars[0, 0, 3] == ROAD  # persons keep their shape
+
+
+def test_edit_strings():
+    assert robusta.parse_edit("close:rectangle:3x5:person,car") == {
+        "op": "close", "shape": "rectangle", "size": (3, 5), "classes": ["person", "car"]}
+    with pytest.raises(ValueError):
+        robusta.parse_edit("grow:disk:3")
+    labels = scene()
+    cross = structuring_element("cross", 3)
+    assert torch.equal(robusta.edit_labels(labels, "dilate:disk:1"), dilate_labels(labels, cross))
+
+
+# --- Networks (Table A1) and losses -------------------------------------------------------------
+
+
+def test_spade_is_eq_a6():
+    spade = SPADE(4, 35, hidden=8)
+    assert [n for n, _ in spade.named_children()] == ["param_free_norm", "mlp_shared", "mlp_gamma", "mlp_beta"]
+    x = torch.randn(2, 4, 6, 8)
+    label = data.one_hot(torch.randint(0, 35, (2, 12, 16)))  # twice the resolution: resized nearest
+    with torch.no_grad():
+        spade.mlp_beta.weight.zero_()
+        spade.mlp_beta.bias.fill_(0.5)
+        spade.mlp_gamma.weight.zero_()
+        spade.mlp_gamma.bias.fill_(1.0)
+    x_hat = (x - x.mean((0, 2, 3), keepdim=True)) / torch.sqrt(x.var((0, 2, 3), unbiased=False, keepdim=True) + 1e-5)
+    assert torch.allclose(spade(x, label), x_hat * 2 + 0.5, atol=1e-5)
+
+
+def tiny(label_nc=35, **kw):
+    return GCoarse(label_nc, ngf=8, n_blocks=1, spade_hidden=8, **kw)
+
+
+@pytest.mark.parametrize("segformer,spade", [("b0", True), ("b0", False), (None, True), (None, False)])
+def test_gcoarse_ablations_build_and_run(segformer, spade):
+    g = tiny(segformer=segformer, spade=spade)
+    out = g(data.one_hot(torch.randint(0, 34, (2, 32, 64))))
+    assert out.shape == (2, 3, 32, 64) and out.abs().max() <= 1
+    assert (g.segformer is not None) == (segformer is not None)
+    assert any(isinstance(m, SPADE) for m in g.modules()) == spade
+
+
+@pytest.mark.parametrize("preset", sorted(robusta.PRESETS))
+def test_every_preset_builds_with_the_right_shapes(preset, monkeypatch):
+    args = robusta.options_from_preset(preset)
+    with torch.device("meta"):  # the paper-size networks, shapes only
+        g_coarse, d, g_fine, d_fine = robusta.build_networks(args)
+        segformer = g_coarse.segformer
+        assert segformer.encoder.patch_embed1.proj.in_channels == args.label_nc
+        # SegFormer itself is segment.py's (tested there); here its decoder features' shape stands in
+        monkeypatch.setattr(segformer, "features", lambda x: torch.zeros(1, segformer.embed_dim, 16, 16))
+        label = torch.zeros(1, args.label_nc, 64, 64)
+        coarse = g_coarse(label)
+        assert coarse.shape == (1, 3, 64, 64)
+        assert g_fine(coarse, label).shape == (1, 3, 64, 64)
+        feats = d(label, coarse)
+        assert len(feats) == 2 and [len(f) for f in feats] == [5, 5] and feats[0][-1].shape[1] == 1
+    assert g_coarse.blocks[0].conv1.in_channels == 4 * args.ngf and len(g_coarse.blocks) == args.n_blocks
+    assert g_coarse.fuse.conv.out_channels == 2 * args.ngf  # 128 at the latent resolution (Table A1)
+
+
+def test_gfine_refines_and_upscales():
+    image, label = torch.rand(1, 3, 16, 24) * 2 - 1, data.one_hot(torch.randint(0, 34, (1, 32, 48)))
+    g = GFine(nf=8, n_blocks=1, scale=2, spade_hidden=8)
+    assert g(image, label).shape == (1, 3, 32, 48)
+    g = GFine(nf=8, n_blocks=1, spade=False)
+    torch.nn.init.zeros_(g.tail.weight)
+    torch.nn.init.zeros_(g.tail.bias)
+    assert torch.allclose(g(image, label[..., :16, :24]), image)  # a zero residual returns the coarse image
+
+
+def test_vgg_layout_matches_torchvision_and_loads(tmp_path):
+    with torch.device("meta"):
+        reference = torchvision.models.vgg19().features[:30].state_dict()
+    ours = robusta.vgg19_features().state_dict()
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in reference.items()}
+    checkpoint = {f"features.{k}": torch.randn_like(v) for k, v in ours.items()}
+    checkpoint["classifier.0.weight"] = torch.zeros(2, 2)
+    torch.save(checkpoint, tmp_path / "vgg19.pth")
+    vgg = VGGLoss(tmp_path / "vgg19.pth")
+    assert torch.equal(vgg.features[28].weight, checkpoint["features.28.weight"])
+    with pytest.raises(FileNotFoundError, match="vgg19-dcbb9e9d"):
+        VGGLoss(tmp_path / "missing.pth")
+    real = torch.rand(1, 3, 32, 32)
+    fake = torch.rand(1, 3, 32, 32, requires_grad=True)
+    assert vgg(real, real) == 0
+    loss = vgg(fake, real)
+    loss.backward()
+    assert loss > 0 and fake.grad.abs().sum() > 0 and all(p.grad is None for p in vgg.parameters())
+
+
+def test_gan_and_feature_matching_losses():
+    ones = [[torch.zeros(1, 2, 3, 3), torch.ones(1, 1, 3, 3)]]
+    zeros = [[torch.zeros(1, 2, 3, 3), torch.zeros(1, 1, 3, 3)]]
+    assert robusta.gan_loss(ones, True, "ls") == 0 and robusta.gan_loss(ones, False, "ls") == 1  # Eq. (A8)
+    assert torch.isclose(robusta.gan_loss(zeros, True, "original"), torch.log(torch.tensor(2.0)))  # Eq. (A1)
+    assert robusta.gan_loss(ones, True, "hinge") == 0 and robusta.gan_loss(ones, False, "hinge") == 2
+    assert robusta.gan_loss(ones, True, "hinge", for_discriminator=False) == -1
+    assert robusta.feature_matching_loss(ones, ones) == 0
+    assert robusta.feature_matching_loss(ones, zeros) == 1  # Eq. (A4): sum over layers of mean |.|
+
+
+# --- Training, checkpoints, generation -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def toy_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toycity") / "source"
+    data.make_toycity(root, 4, size=(32, 64), domain="source", split="train")
+    data.make_toycity(root, 2, size=(32, 64), domain="source", split="val")
+    return root
+
+
+TINY = ["--dataset", "toycity", "--size", "32", "64", "--fine-size", "32", "64", "--ngf", "8", "--n-blocks", "1",
+        "--spade-hidden", "8", "--ndf", "8", "--fine-nf", "8", "--fine-blocks", "1", "--segformer", "b0",
+        "--batch-size", "2", "--fine-batch-size", "2", "--lambda-vgg", "0", "--fine-lambda-vgg", "0",
+        "--workers", "0", "--samples", "1", "--device", "cpu"]
+
+
+def test_a_few_steps_lower_l_coarse(toy_root):
+    torch.manual_seed(0)
+    argv = ["train", "--data-root", str(toy_root)] + TINY + ["--segformer", "none"]  # the conv branch: fast
+    args = robusta.resolve(robusta.build_parser().parse_args(argv))
+    run = type("R", (), {"autocast": lambda self: torch.autocast("cpu", enabled=False),
+                         "scaler": torch.amp.GradScaler("cpu", enabled=False)})()
+    g_coarse, d, _, _ = robusta.build_networks(args)
+    batch = next(iter(torch.utils.data.DataLoader(robusta.image_dataset(args, "train", args.size), batch_size=2)))
+    real, label = batch["image"] * 2 - 1, data.one_hot(batch["label_ids"])
+    opt_g, opt_d = robusta.adam(g_coarse, 1e-3, 0, args), robusta.adam(d, 1e-3, 0, args)
+    losses = [robusta.gan_step(run, g_coarse, d, opt_g, opt_d, label, (label,), real, robusta.coarse_generator_loss,
+                               "ls", None, args)[1]["loss_g"] for _ in range(8)]
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_train_checkpoint_resume_and_generate(toy_root, tmp_path):
+    argv = ["train", "--data-root", str(toy_root), "--out", str(tmp_path), "--name", "toy", "--epochs", "1",
+            "--fine-epochs", "1"] + TINY
+    checkpoint = robusta.main(argv)
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["stage"] == "done" and state["step"] == 4  # 2 steps per stage
+    g_coarse, g_fine, args = robusta.load_generators(checkpoint)
+    assert all(torch.equal(v, state["g_coarse"][k]) for k, v in g_coarse.state_dict().items())
+    assert all(torch.equal(v, state["g_fine"][k]) for k, v in g_fine.state_dict().items())
+    assert (tmp_path / "toy" / "index.html").exists() and len(list((tmp_path / "toy" / "samples").glob("*.png"))) == 2
+    assert robusta.main(argv + ["--resume", "auto"]) == checkpoint  # nothing left to do
+    after = torch.load(checkpoint, weights_only=True)
+    assert torch.equal(after["g_fine"]["tail.weight"], state["g_fine"]["tail.weight"])
+
+    source = robusta.image_dataset(args, "val", args.size)
+    out = robusta.generate(checkpoint, source, tmp_path / "gen", edits=["dilate:disk:1"], outliers=1)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["checkpoint_sha256"] == robusta.sha256(checkpoint) and manifest["edits"][0]["op"] == "dilate"
+    stem = source[0]["name"]
+    ids = data.read_label(out / "gtFine" / "train" / "robusta" / f"{stem}_gtFine_labelIds.png")
+    anomaly = data.read_label(out / "gtFine" / "train" / "robusta" / f"{stem}_gtFine_anomaly.png")
+    assert ((anomaly == 1) == torch.isin(ids, torch.tensor(data.OUTLIER_IDS))).all() and (anomaly == 1).any()
+    generated = data.Cityscapes(out, "train")
+    assert len(generated) == 2 and generated[0]["image"].shape == (3, 32, 64)
+    image = out / "leftImg8bit" / "train" / "robusta" / f"{stem}_leftImg8bit.png"
+    before = image.stat().st_mtime_ns
+    robusta.generate(checkpoint, source, tmp_path / "gen", edits=["dilate:disk:1"], outliers=1)
+    assert image.stat().st_mtime_ns == before  # resumed: finished images are not rendered again
