@@ -886,6 +886,7 @@ def demo(argv=()):
     """Train (or reuse) an AdaIN decoder on ToyCity's source images and paintings, then Algorithm 1
     twice (source only, ASH) with DeepLab-v2 ResNet-18; prints source-val and target-val mIoU19."""
     d = demo_parser().parse_args(list(argv))
+    segment.announce_demo("ash")
     toy = data.toycity()
     adain_dir = Path(d.out) / "ash-demo-adain"
     common = ["--out", d.out, "--device", d.device, "--workers", "0"]

@@ -1356,6 +1356,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.command in ("run", "train"):
         resolve(args)
+        if args.dataset == "toycity" and not args.data_root:
+            segment.announce_demo("robusta")
         return run_pipeline(args) if args.command == "run" else train(args)
     if args.command == "generate":
         _, _, trained = load_generators(args.checkpoint)

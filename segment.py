@@ -68,6 +68,12 @@ def add_run_args(parser, name_default):
     return parser
 
 
+def announce_demo(program):
+    """What a no-argument run uses, said before it starts (the demos of segment, robusta and ash)."""
+    print(f"[{program}] demo: ToyCity, the embedded procedural dataset (written on first use), and random "
+          "initialisation - no dataset or pretrained weights needed. `--help` shows the real runs.", flush=True)
+
+
 def seed_everything(seed):
     """Seed Python, NumPy and torch (all devices)."""
     random.seed(seed)
@@ -1350,6 +1356,8 @@ def sample_pictures(model, dataset, device, predict_kwargs, count=3):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.dataset == "toycity" and not args.data_root:
+        announce_demo("segment")
     train_segmenter(args)
 
 
