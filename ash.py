@@ -21,11 +21,12 @@ is seen in training. Contents, in reading order:
    2-12), `train` (the CLI: data, run helpers, checkpoints, index.html), every ablation of
    Tables 1-3, 5, 6 behind one switch.
 7. Evaluation as Tables 1-3 (`evaluate_tables`: per-class IoU over 19 classes, mIoU 19/16/13) and
-   the ToyCity demo (`demo`).
+   the ToyCity demo (`demo`) and the seeded experiment of Tables 1/5 (`experiment`).
 
 Run:
     python ash.py                        # demo on ToyCity: AdaIN decoder, source-only and ASH, mIoU
     python ash.py demo --iters 800 --size 64 128   # the demo with other lengths / sizes (see --help)
+    python ash.py experiment [--quick]   # Tables 1/5 on ToyCity: 4 modes x 3 seeds, mean +- std
     python ash.py train-decoder --content DIR --styles DIR [--vgg vgg_normalised.pth]
     python ash.py --source gta5 --source-root GTA5 --target cityscapes --target-root CITYSCAPES \
         --styles PAINTER_BY_NUMBERS --vgg vgg_normalised.pth --decoder decoder.pth \
@@ -882,29 +883,40 @@ def demo_parser():
     return p
 
 
+def demo_stylizer(d, adain_dir):
+    """Train (or reuse) the demo's AdaIN encoder/decoder on ToyCity source images and paintings."""
+    toy = data.toycity()
+    if not (adain_dir / "decoder.pth").is_file():
+        train_decoder(decoder_parser().parse_args([
+            "--content", str(toy / "source" / "leftImg8bit" / "train"), "--styles", str(toy / "paintings"),
+            "--width", str(d.width), "--iters", str(d.decoder_iters), "--encoder-iters", str(d.encoder_iters),
+            "--batch-size", str(2 * d.batch_size), "--lr", "1e-3", "--size", *map(str, d.size),
+            "--crop", *map(str, d.size),
+            "--name", adain_dir.name, "--log-every", "50", "--out", str(adain_dir.parent), "--device", d.device,
+            "--workers", "0"]))
+    return adain_dir
+
+
+def demo_args(d, mode, adain_dir, out, name, seed=0, resume=""):
+    """Algorithm 1 options at demo scale (ToyCity source -> target, DeepLab-v2 ResNet-`d.depth`)."""
+    return parser().parse_args([
+        "--source", "toycity", "--target", "toycity", "--mode", mode, "--depth", str(d.depth),
+        "--size", *map(str, d.size), "--iters", str(d.iters), "--batch-size", str(d.batch_size),
+        "--lr", str(d.lr), "--vgg", str(adain_dir / "vgg_normalised.pth"),
+        "--decoder", str(adain_dir / "decoder.pth"), "--eval-every", "0", "--image-every", "50",
+        "--save-every", str(d.iters), "--log-every", "25", "--name", name, "--seed", str(seed),
+        "--out", str(out), "--device", d.device, "--workers", "0", "--resume", resume])
+
+
 def demo(argv=()):
     """Train (or reuse) an AdaIN decoder on ToyCity's source images and paintings, then Algorithm 1
     twice (source only, ASH) with DeepLab-v2 ResNet-18; prints source-val and target-val mIoU19."""
     d = demo_parser().parse_args(list(argv))
     segment.announce_demo("ash")
-    toy = data.toycity()
-    adain_dir = Path(d.out) / "ash-demo-adain"
-    common = ["--out", d.out, "--device", d.device, "--workers", "0"]
-    if not (adain_dir / "decoder.pth").is_file():
-        train_decoder(decoder_parser().parse_args([
-            "--content", str(toy / "source" / "leftImg8bit" / "train"), "--styles", str(toy / "paintings"),
-            "--width", str(d.width), "--iters", str(d.decoder_iters), "--encoder-iters", str(d.encoder_iters),
-            "--batch-size", "4", "--lr", "1e-3", "--size", *map(str, d.size), "--crop", *map(str, d.size),
-            "--name", adain_dir.name, "--log-every", "50", *common]))
+    adain_dir = demo_stylizer(d, Path(d.out) / "ash-demo-adain")
     results = {}
     for mode in ("baseline", "ash"):
-        args = parser().parse_args([
-            "--source", "toycity", "--target", "toycity", "--mode", mode, "--depth", str(d.depth),
-            "--size", *map(str, d.size), "--iters", str(d.iters), "--batch-size", str(d.batch_size),
-            "--lr", str(d.lr), "--vgg", str(adain_dir / "vgg_normalised.pth"),
-            "--decoder", str(adain_dir / "decoder.pth"), "--eval-every", "0", "--image-every", "50",
-            "--save-every", str(d.iters), "--log-every", "25", "--name", f"ash-demo-{mode}", *common])
-        results[mode] = train(args)
+        results[mode] = train(demo_args(d, mode, adain_dir, d.out, f"ash-demo-{mode}"))
     print(f"\nToyCity source -> target, DeepLab-v2 ResNet-{d.depth}, {d.iters} iterations of batch {d.batch_size} "
           f"at {d.size[0]}x{d.size[1]}: mIoU over 19 classes (%)")
     print(f"{'':<12}{'source val':>12}{'target val':>12}")
@@ -913,10 +925,68 @@ def demo(argv=()):
     return results
 
 
+EXPERIMENT_MODES = ("baseline", "stylize", "stylize+noise", "ash")  # the rows of Tables 1 and 5
+
+
+def experiment_parser():
+    p = demo_parser()
+    p.prog, p.description = "ash.py experiment", (
+        "Tables 1/5 at ToyCity scale: source-only vs stylization vs stylization + orthogonal noise vs full "
+        "ASH, each seed trained on ToyCity source and tested on the unseen target; mean +- std over seeds.")
+    p.set_defaults(out="runs/ash-experiment", iters=300)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of Algorithm 1 (>= 3 for a std)")
+    p.add_argument("--modes", nargs="+", default=list(EXPERIMENT_MODES), choices=EXPERIMENT_MODES)
+    p.add_argument("--quick", action="store_true", help="a quarter of the iterations (a smoke test)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    return p
+
+
+def experiment(argv=()):
+    """`python ash.py experiment [--quick]`: the modes of Tables 1/5 x seeds at demo scale, resumable;
+    writes <out>/experiment.json, results.md (mean +- std) and a source | stylized | prediction figure."""
+    d = experiment_parser().parse_args(list(argv))
+    if d.quick:
+        d.iters, d.decoder_iters, d.encoder_iters = d.iters // 4, d.decoder_iters // 4, d.encoder_iters // 4
+        d.out = d.out + "-quick" if d.out == "runs/ash-experiment" else d.out
+    if d.threads:
+        torch.set_num_threads(d.threads)
+    segment.announce_demo("ash")
+    out = Path(d.out)
+    settings = {k: v for k, v in vars(d).items() if k not in ("out", "device", "threads", "modes")}
+    exp = segment.Experiment(out, "ASH (Tables 1, 5) on ToyCity: source -> unseen target", settings)
+    adain_dir = out / "adain"
+    exp.cell("adain", lambda: {"dir": str(demo_stylizer(d, adain_dir))})
+    results = {}
+    for seed in d.seeds:
+        for mode in d.modes:
+            name = f"{mode.replace('+', '-')}-s{seed}"
+            results[mode, seed] = exp.cell(name, lambda: train(demo_args(d, mode, adain_dir, out, name, seed, "auto")))
+    rows = []
+    for mode in d.modes:
+        runs = [results[mode, s] for s in d.seeds]
+        rows.append((mode, [[r[f"toycity-{dom}"][key] for r in runs]
+                            for dom in ("target", "source") for key in ("miou19", "miou16", "miou13")]))
+    exp.table(["mode", "target mIoU19", "target mIoU16", "target mIoU13",
+               "source mIoU19", "source mIoU16", "source mIoU13"], rows,
+              note=f"DeepLab-v2 ResNet-{d.depth} from scratch, {d.iters} iterations of batch {d.batch_size} at "
+                   f"{d.size[0]}x{d.size[1]}, seeds {d.seeds}; target = ToyCity target val (never seen in training).")
+    last = f"{d.iters:07d}.png"
+    figure = out / "stylized.png"
+    pictures = [out / f"{m.replace('+', '-')}-s{d.seeds[0]}" / "images" / last for m in ("stylize", "ash")]
+    pictures = [p for p in pictures if p.is_file()]
+    if pictures:
+        data.write_image(figure, torch.cat([data.read_image(p) for p in pictures], 1))
+        print(f"[experiment] wrote {figure} (rows: stylize, ash; each: source | stylized | prediction)")
+    print(f"[experiment] {exp.seconds() / 60:.1f} min of runs; tables in {out / 'results.md'}", flush=True)
+    return results
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] == "demo":
         return demo(argv[1:])
+    if argv[0] == "experiment":
+        return experiment(argv[1:])
     if argv[0] == "train-decoder":
         return train_decoder(decoder_parser().parse_args(argv[1:]))
     return train(parser().parse_args(argv))

@@ -1396,20 +1396,24 @@ def anomaly_mask(label_ids):
     return out
 
 
-def make_toycity(out, num_images, size=(256, 512), domain="source", seed=0, split="train"):
+def make_toycity(out, num_images, size=(256, 512), domain="source", seed=0, split="train", look=None):
     """Write `num_images` ToyCity scenes as a Cityscapes tree under `out`:
     leftImg8bit/<split>/toycity/<stem>_leftImg8bit.png and gtFine/<split>/toycity/<stem>_gtFine_
     {labelIds,instanceIds,color}.png (+ _anomaly.png in the outlier domain). Scene i of a split
-    has the same label map in every domain ("outlier" adds pasted objects); only appearance differs."""
+    has the same label map in every domain ("outlier" adds pasted objects); only appearance differs.
+    `look` ("source" or "target") picks the renderer; default: "source" for the source domain, else
+    "target" (an outlier split in the source look isolates outliers from the domain shift)."""
     if domain not in DOMAINS:
         raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
+    look = look or ("source" if domain == "source" else "target")
+    if look not in ("source", "target"):
+        raise ValueError(f"look must be 'source' or 'target', got {look!r}")
     out, city = Path(out), "toycity"
 
     def write_scene(i):
         key = [seed, SPLIT_CODE[split], i]
         outlier_rng = np.random.default_rng(key + [7]) if domain == "outlier" else None
         sc = toycity_scene(size, np.random.default_rng(key), outlier_rng)
-        look = "source" if domain == "source" else "target"
         image = render(sc, look, np.random.default_rng(key + [DOMAINS.index(look) + 1]))
         stem = f"{city}_{i:06d}_000019"
         gt = out / "gtFine" / split / city / f"{stem}_gtFine_"

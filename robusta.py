@@ -20,6 +20,9 @@ In reading order:
 7. Evaluation: `evaluate_generators` (FID, mIoU of a segmenter on generated images, spectral
    distance), `profile` (Table A11); the command line (`main`: run | train | generate | evaluate |
    profile | edit) and `run_pipeline`, the default.
+8. The seeded ToyCity experiment (`experiment`): image quality with / without the SegFormer branch
+   and G_fine (Tables A5, A6), real vs real + generated training data on clean, corrupted and
+   outlier splits (Table A10, F.2), the morphology sequence of Fig. A2.
 
 Run:
     python robusta.py                                     # demo: the whole pipeline on ToyCity (CPU, minutes)
@@ -29,6 +32,7 @@ Run:
     python robusta.py generate --checkpoint runs/robusta/last.pt --labels PATH --edit dilate:disk:5 --out-root gen/
     python robusta.py evaluate --checkpoint runs/robusta/last.pt --dataset cityscapes --data-root PATH
     python robusta.py profile                             # parameters / mult-adds / memory beside Table A11
+    python robusta.py experiment [--quick]                # Tables A5/A6/A10 + Fig. A2 on ToyCity, 3 seeds
     torchrun --nproc_per_node 4 robusta.py train ...      # DistributedDataParallel, same code
 """
 import argparse
@@ -1349,10 +1353,208 @@ def edit_files(args):
     print(f"edit: {len(files)} label maps -> {out}")
 
 
+# ---------------------------------------------------------------------------------------------
+# 8. The seeded ToyCity experiment: Tables A5/A6 (image quality), A10 + F.2 (robustness), Fig. A2
+# ---------------------------------------------------------------------------------------------
+
+TEST_CORRUPTIONS = ("gaussian_noise", "motion_blur", "fog", "contrast")     # segment's toycity-demo preset
+TRAIN_CORRUPTIONS = ("shot_noise", "defocus_blur", "snow", "brightness")    # disjoint from the test ones
+
+
+def experiment_parser():
+    p = argparse.ArgumentParser(prog="robusta.py experiment", description=(
+        "Robusta at ToyCity scale, seeded: image quality of G_coarse with / without the SegFormer branch and "
+        "with / without G_fine (Tables A5, A6), a segmenter trained on real vs real + Robusta-generated data "
+        "(edited label maps, pasted outliers, corrupted renderings; Table A10, F.2) on clean, corrupted and "
+        "outlier splits, and the morphology sequence of Fig. A2. mean +- std over seeds."))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (>= 3 for a std)")
+    p.add_argument("--epochs", type=int, default=6, help="stage-1 epochs of each generator (50 steps of batch 4)")
+    p.add_argument("--fine-epochs", type=int, default=2, help="stage-2 epochs (G_fine)")
+    p.add_argument("--segmenter-steps", type=int, default=240, help="steps of each robustness segmenter")
+    p.add_argument("--evaluator-steps", type=int, default=300,
+                   help="steps of the fixed segmenter that scores generated images (seed 0)")
+    p.add_argument("--segmenter-batch-size", type=int, default=8, help="batch size of both segmenters")
+    p.add_argument("--edit", default="dilate:disk:1", help="morphological edit of the generated training set")
+    p.add_argument("--outliers", type=int, default=1, help="outlier objects pasted into each generated map")
+    p.add_argument("--size", type=int, nargs=2, default=(64, 128), metavar=("H", "W"), help="image size")
+    p.add_argument("--quick", action="store_true",
+                   help="one epoch per stage, a sixth of the segmenter steps (a smoke test)")
+    p.add_argument("--out", default="runs/robusta-experiment", help="output folder (quick: <out>-quick)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+def segmenter_robustness(model, splits, device):
+    """Clean / target / corrupted mIoU (%) and OOD detection of a segmenter on the experiment's splits."""
+    loader = lambda ds: segment.eval_loader(ds, batch_size=4)  # noqa: E731
+    out = {"clean": 100 * segment.evaluate(model, loader(splits["val"]), device).miou(),
+           "target": 100 * segment.evaluate(model, loader(splits["target"]), device).miou()}
+    corr = segment.evaluate_corruptions(model, splits["val"], device, TEST_CORRUPTIONS, (3,), batch_size=4)
+    out["corrupted"] = 100 * corr["mean"]
+    out["per_corruption"] = {k: 100 * v for k, v in corr["per_corruption"].items()}
+    for name in ("outlier-source", "outlier-target"):
+        out[name] = {kind: {k: 100 * v for k, v in m.items()}
+                     for kind, m in segment.evaluate_ood(model, loader(splits[name]), device).items()}
+    return out
+
+
+def morphology_figure(g_coarse, g_fine, sample, label_nc, path, radii=(0, 1, 2, 3, 4)):
+    """Fig. A2: one label map dilated with disks of increasing radius (top) and its renderings (bottom)."""
+    labels, images = [], []
+    for r in radii:
+        ids = sample["label_ids"][None]
+        if r:
+            ids = edit_labels(ids, f"dilate:disk:{r}")
+        coarse, fine = render(g_coarse, g_fine, ids.to(next(g_coarse.parameters()).device), label_nc)
+        labels.append(data.colorize(ids[0], kind="id").permute(2, 0, 1).float() / 255)
+        images.append((fine if fine is not None else coarse)[0].cpu())
+    return segment.save_grid(path, [labels, images])
+
+
+def experiment(argv=()):
+    """`python robusta.py experiment [--quick]`: resumable; writes <out>/experiment.json, results.md
+    (mean +- std over seeds) and the figures samples.png, morphology.png, generated.png."""
+    e = experiment_parser().parse_args(list(argv))
+    if e.quick:
+        e.epochs, e.fine_epochs = 1, 1
+        e.segmenter_steps, e.evaluator_steps = e.segmenter_steps // 6, e.evaluator_steps // 6
+        e.out = e.out + "-quick" if e.out == "runs/robusta-experiment" else e.out
+    if e.threads:
+        torch.set_num_threads(e.threads)
+    segment.announce_demo("robusta")
+    out, device, size = Path(e.out), torch.device(e.device), tuple(e.size)
+    settings = {k: v for k, v in vars(e).items() if k not in ("out", "device", "threads")}
+    exp = segment.Experiment(out, "Robusta (Tables A5, A6, A10; F.2; Fig. A2) on ToyCity", settings)
+    toy = data.toycity()
+    common = ["--out", str(out), "--device", e.device, "--workers", "0", "--resume", "auto"]
+    # an outlier split in the *source* look: the pasted objects are then the only novelty (ToyCity's
+    # outlier/ is in the target look, where a source-trained model is uncertain everywhere)
+    outlier_source = out / "outlier-source"
+    if not (outlier_source / ".complete").is_file():
+        reference = data.Cityscapes(toy / "outlier", "val")  # same scenes, same resolution, other look
+        data.make_toycity(outlier_source, len(reference), size=tuple(reference[0]["image"].shape[-2:]),
+                          domain="outlier", seed=0, split="val", look="source")
+        (outlier_source / ".complete").write_text("ok")
+    splits = {"val": data.Cityscapes(toy / "source", "val", size=size),
+              "target": data.Cityscapes(toy / "target", "val", size=size),
+              "outlier-source": data.Cityscapes(outlier_source, "val", size=size),
+              "outlier-target": data.Cityscapes(toy / "outlier", "val", size=size)}
+
+    def segmenter(name, steps, seed, generated=()):
+        argv = ["--dataset", "toycity", "--data-root", str(toy), "--model", "deeplabv3plus-r18",
+                "--size", *map(str, size), "--crop", *map(str, size), "--batch-size", str(e.segmenter_batch_size),
+                "--steps", str(steps), "--train-minutes", "0", "--no-eval", "--name", name, "--seed", str(seed),
+                "--log-every", "25", *common]
+        for g in generated:
+            argv += ["--generated", str(g)]
+        return segment.train_segmenter(segment.parse_args(argv))[0].to(device).eval()
+
+    def train_evaluator():
+        segmenter("evaluator", e.evaluator_steps, 0)
+        return {"checkpoint": str(out / "evaluator" / "last.pt")}
+
+    exp.cell("evaluator", train_evaluator)
+    evaluator = load_segmenter(out / "evaluator" / "last.pt", "deeplabv3plus-r18", data.NUM_CLASSES, device)
+
+    def generator(name, seed, extra):
+        args = build_parser().parse_args(["train", "--epochs", str(e.epochs), "--fine-epochs", str(e.fine_epochs),
+                                          "--minutes", "0", "--fine-minutes", "0", "--size", *map(str, size),
+                                          "--fine-size", *map(str, size), "--seed", str(seed), "--name", name,
+                                          "--log-every", "25", *extra, *common])
+        resolve(args)
+        return train(args)
+
+    def quality(checkpoint):
+        g_coarse, g_fine, args = load_generators(checkpoint, device)
+        return evaluate_generators(g_coarse, g_fine, splits["val"], args.label_nc, 1, evaluator, None, device)
+
+    train_maps = data.Cityscapes(toy / "source", "train", size=size)
+    quality_rows, robust = {}, {}
+    for seed in e.seeds:
+        full = out / f"generator-s{seed}" / "last.pt"
+        quality_rows["full", seed] = exp.cell(full.parent.name, lambda: quality(generator(full.parent.name, seed, [])))
+        bare = out / f"generator-nosegformer-s{seed}" / "last.pt"
+        quality_rows["bare", seed] = exp.cell(bare.parent.name, lambda: quality(
+            generator(bare.parent.name, seed, ["--segformer", "none", "--no-fine"])))
+
+        def generated_data():
+            roots = [generate(full, train_maps, out / f"generated-s{seed}" / "edited", [e.edit], e.outliers,
+                              seed=1000 * seed, device=device)]
+            for j, name in enumerate(TRAIN_CORRUPTIONS):  # Table A10: "+ Corrupted-CS", other corruption types
+                part = torch.utils.data.Subset(train_maps, range(j, len(train_maps), len(TRAIN_CORRUPTIONS)))
+                roots.append(generate(full, part, out / f"generated-s{seed}" / name, [e.edit], e.outliers, name, 3,
+                                      seed=1000 * seed + 500, device=device))
+            return [str(r) for r in roots]
+
+        roots = exp.cell(f"generated-s{seed}", generated_data)
+        robust["real", seed] = exp.cell(f"segmenter-real-s{seed}", lambda: segmenter_robustness(
+            segmenter(f"segmenter-real-s{seed}", e.segmenter_steps, seed), splits, device))
+        robust["robusta", seed] = exp.cell(f"segmenter-robusta-s{seed}", lambda: segmenter_robustness(
+            segmenter(f"segmenter-robusta-s{seed}", e.segmenter_steps, seed, roots), splits, device))
+
+    def column(rows, kind, key, scale=1.0):
+        return [scale * rows[kind, s][key] for s in e.seeds if key in rows[kind, s]]
+
+    q = [("G_coarse without SegFormer", "bare", "coarse"), ("G_coarse (SegFormer B0)", "full", "coarse"),
+         ("G_coarse + G_fine", "full", "fine"), ("real images", "full", "real")]
+    rows = [(name, [column(quality_rows, kind, f"{part}/miou", 100)] +
+             [column(quality_rows, kind, f"{part}/spectral_distance_f{r}") for r in range(3)])
+            for name, kind, part in q]
+    exp.table(["generator (Table A6 rows)", "mIoU on generated (%) ↑", "spectral f0 ↓", "spectral f1 ↓",
+               "spectral f2 ↓"], rows,
+              note=f"{e.epochs} + {e.fine_epochs} epochs of batch 4 over {len(train_maps)} maps at "
+                   f"{size[0]}x{size[1]}; "
+                   f"mIoU of a fixed DeepLab-v3+ R18 trained {e.evaluator_steps} steps on real source images (seed 0), "
+                   f"on the {len(splits['val'])} source-val label maps; spectral distance (E.1.3) per image pair, "
+                   f"filter rate 0/1/2. FID needs the pytorch-fid Inception weights (not shipped): not reported.")
+    rob_rows = []
+    for kind, name in (("real", "real only"), ("robusta", "real + Robusta-generated")):
+        cols = [[robust[kind, s][k] for s in e.seeds] for k in ("clean", "corrupted", "target")]
+        for split in ("outlier-source",):
+            for metric in ("auroc", "aupr", "fpr95"):
+                cols.append([robust[kind, s][split]["maxlogit"][metric] for s in e.seeds])
+        rob_rows.append((name, cols))
+    exp.table(["training data (Table A10, F.2)", "clean mIoU ↑", "corrupted mIoU ↑", "target mIoU ↑",
+               "AUROC ↑", "AUPR ↑", "FPR95 ↓"], rob_rows,
+              note=f"DeepLab-v3+ R18 from scratch, {e.segmenter_steps} steps of batch {e.segmenter_batch_size}. "
+                   f"Generated = the {len(train_maps)} train label maps edited ({e.edit}) with {e.outliers} pasted "
+                   f"outlier(s) each, rendered by that seed's G_coarse + G_fine, and the same maps once more, "
+                   f"a quarter under each of {', '.join(TRAIN_CORRUPTIONS)} (severity 3). Corrupted = mean mIoU under "
+                   f"{', '.join(TEST_CORRUPTIONS)} (severity 3; none of them seen in training). Outliers: the "
+                   f"source-look outlier val split, max-logit score, pasted objects vs pixels of the 19 classes.")
+    # figures from the first seed
+    g_coarse, g_fine, g_args = load_generators(out / f"generator-s{e.seeds[0]}" / "last.pt", device)
+    bare_coarse, _, _ = load_generators(out / f"generator-nosegformer-s{e.seeds[0]}" / "last.pt", device)
+    rows = []
+    for i in range(min(4, len(splits["val"]))):
+        sample = splits["val"][i]
+        ids = sample["label_ids"][None].to(device)
+        plain, _ = render(bare_coarse, None, ids, g_args.label_nc)
+        coarse, fine = render(g_coarse, g_fine, ids, g_args.label_nc)
+        rows.append([data.colorize(ids[0].cpu(), kind="id").permute(2, 0, 1).float() / 255, sample["image"],
+                     plain[0], coarse[0], fine[0]])
+    segment.save_grid(out / "samples.png", rows)
+    morphology_figure(g_coarse, g_fine, splits["val"][0], g_args.label_nc, out / "morphology.png")
+    edited = sorted((out / f"generated-s{e.seeds[0]}").rglob("*_leftImg8bit.png"))
+    picks = [edited[0]] + [next(p for p in edited if p.parts[-5] == c) for c in TRAIN_CORRUPTIONS]
+    labels = [Path(str(p).replace("leftImg8bit", "gtFine", 1).replace("_leftImg8bit.png", "_gtFine_labelIds.png"))
+              for p in picks]
+    segment.save_grid(out / "generated.png", [
+        [data.colorize(data.read_label(p), kind="id").permute(2, 0, 1).float() / 255 for p in labels],
+        [data.read_image(p) for p in picks]])
+    print(f"[experiment] wrote {out / 'samples.png'} (label | real | G_coarse w/o SegFormer | G_coarse | "
+          f"G_coarse + G_fine), {out / 'morphology.png'} (Fig. A2), {out / 'generated.png'}; "
+          f"{exp.seconds() / 60:.1f} min of runs; tables in {out / 'results.md'}", flush=True)
+    return quality_rows, robust
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["run"] + argv  # `python robusta.py [--dataset ...]`: the whole pipeline
+    if argv and argv[0] == "experiment":
+        return experiment(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command in ("run", "train"):
         resolve(args)

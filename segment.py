@@ -7,7 +7,8 @@ generator G_coarse (Fig. A1, Table A7). This file holds, in reading order:
 
 1. Run helpers shared by every trainer of the project: `add_run_args`, `Run` (device, torchrun/DDP,
    AMP, channels_last, atomic checkpoints, `--resume auto`, log.jsonl, progress line, index.html),
-   `seed_everything`, `poly_lr`.
+   `seed_everything`, `poly_lr`, `save_grid`, and `Experiment` / `mean_std` (the seeded,
+   resumable experiments of ash.py and robusta.py: one JSON record per run, mean +- std tables).
 2. Networks: `resnet` (torchvision names, dilation for output stride 8/16), `DeepLabV2` (ASPP
    classifier of four dilated 3x3 convs, summed; optional second classifier as in CLAN),
    `DeepLabV3Plus`, `SegFormer` (MiT-B0..B5 with the official checkpoint names + all-MLP decoder),
@@ -291,21 +292,7 @@ class Run:
     # -- pictures ---------------------------------------------------------------------------
     def save_grid(self, path, rows):
         """Save rows of (3, H, W) [0, 1] images as one PNG (rank 0); images are padded to one size."""
-        if not self.is_main:
-            return None
-        h = max(im.shape[-2] for row in rows for im in row)
-        w = max(im.shape[-1] for row in rows for im in row)
-        pad = 2
-        canvas = torch.ones(3, len(rows) * (h + pad) - pad, max(len(r) for r in rows) * (w + pad) - pad)
-        for i, row in enumerate(rows):
-            for j, im in enumerate(row):
-                im = im.detach().float().cpu().clamp(0, 1)
-                im = im.expand(3, -1, -1) if im.shape[0] == 1 else im
-                canvas[:, i * (h + pad):i * (h + pad) + im.shape[-2], j * (w + pad):j * (w + pad) + im.shape[-1]] = im
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data.write_image(path, canvas)
-        return path
+        return save_grid(path, rows) if self.is_main else None
 
     def write_index(self, title, sections):
         """Write <dir>/index.html: sections of captioned images, then loss curves from log.jsonl.
@@ -343,6 +330,94 @@ class Run:
         """Tear down the process group (when distributed)."""
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def save_grid(path, rows, pad=2):
+    """Save rows of (3, H, W) or (1, H, W) [0, 1] images as one PNG on a white canvas; images are
+    padded to the largest height / width."""
+    h = max(im.shape[-2] for row in rows for im in row)
+    w = max(im.shape[-1] for row in rows for im in row)
+    canvas = torch.ones(3, len(rows) * (h + pad) - pad, max(len(r) for r in rows) * (w + pad) - pad)
+    for i, row in enumerate(rows):
+        for j, im in enumerate(row):
+            im = im.detach().float().cpu().clamp(0, 1)
+            im = im.expand(3, -1, -1) if im.shape[0] == 1 else im
+            canvas[:, i * (h + pad):i * (h + pad) + im.shape[-2], j * (w + pad):j * (w + pad) + im.shape[-1]] = im
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data.write_image(path, canvas)
+    return path
+
+
+def mean_std(values):
+    """(mean, sample standard deviation with ddof=1; 0 for a single value) of a list of numbers."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+class Experiment:
+    """Seeded runs of one experiment (`ash.py experiment`, `robusta.py experiment`) in <out>.
+
+    `cell(key, fn)` runs fn() once: its JSON result is written to <out>/experiment.json (atomically)
+    as soon as it exists, with its wall-clock seconds, so an interrupted experiment resumes at the
+    first unfinished run. `table()` turns per-seed results into mean +- std rows (Markdown), also
+    written to <out>/results.md.
+    """
+
+    def __init__(self, out, title, settings):
+        self.out, self.title = Path(out), title
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.path = self.out / "experiment.json"
+        self.state = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        if self.state.get("settings", settings) != settings:
+            raise ValueError(f"{self.path} holds runs with other settings ({self.state['settings']}); "
+                             f"move it away or give another --out")
+        self.state.update(settings=settings, title=title)
+        self.state.setdefault("cells", {})
+        self.start = time.time()
+
+    def _write(self):
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state, indent=2))
+        os.replace(tmp, self.path)
+
+    def cell(self, key, fn):
+        """The stored result of `key`, or fn()'s (then stored with its wall-clock seconds)."""
+        if key in self.state["cells"]:
+            print(f"[experiment] {key}: done earlier, reusing {self.path}", flush=True)
+            return self.state["cells"][key]["result"]
+        start = time.time()
+        result = json.loads(json.dumps(fn(), default=float))
+        self.state["cells"][key] = {"result": result, "seconds": round(time.time() - start, 1)}
+        self._write()
+        return result
+
+    def seconds(self):
+        """Wall-clock seconds of all runs stored so far (over every session that contributed)."""
+        return sum(c["seconds"] for c in self.state["cells"].values())
+
+    def table(self, header, rows, note=""):
+        """header: column names; rows: (name, [per-column list of per-seed values or None]) ->
+        a Markdown table of mean +- std, printed, appended to self.state["tables"] and results.md."""
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
+        for name, columns in rows:
+            cells = []
+            for values in columns:
+                if not values:
+                    cells.append("-")
+                    continue
+                m, s = mean_std(values)
+                cells.append(f"{m:.2f} ± {s:.2f}")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        text = "\n".join(lines) + (f"\n\n{note}" if note else "")
+        print("\n" + text + "\n", flush=True)
+        self.state.setdefault("tables", {})[header[0]] = text
+        self._write()
+        tables = "\n\n".join(self.state["tables"].values())
+        (self.out / "results.md").write_text(
+            f"# {self.title}\n\nmean ± std (ddof=1) over seeds {self.state['settings'].get('seeds')}; "
+            f"{self.seconds() / 60:.1f} min of runs.\n\n{tables}\n")
+        return text
 
 
 def svg_curve(title, points, width=360, height=180):

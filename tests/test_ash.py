@@ -377,3 +377,23 @@ def test_train_decoder_then_algorithm1_from_the_command_line(tiny_toycity, tmp_p
     ash.main([*common, "--iters", "3", "--resume", "auto"])
     steps = [json.loads(l)["step"] for l in (rundir / "log.jsonl").read_text().splitlines() if "loss_seg" in l]
     assert steps == [1, 2, 3]
+
+
+def test_experiment_runs_every_mode_and_seed_once_and_tabulates_mean_and_std(tiny_toycity, tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "toycity", lambda *a, **k: tiny_toycity)
+    argv = ["--quick", "--iters", "8", "--decoder-iters", "4", "--encoder-iters", "4", "--width", "4",
+            "--batch-size", "1", "--size", "32", "64", "--seeds", "0", "1", "--device", "cpu",
+            "--out", str(tmp_path / "exp")]
+    results = ash.main(["experiment", *argv])
+    assert set(results) == {(m, s) for m in ash.EXPERIMENT_MODES for s in (0, 1)}
+    stored = json.loads((tmp_path / "exp" / "experiment.json").read_text())
+    assert stored["settings"]["iters"] == 2 and len(stored["cells"]) == 1 + 4 * 2   # AdaIN + 4 modes x 2 seeds
+    table = (tmp_path / "exp" / "results.md").read_text()
+    for mode in ash.EXPERIMENT_MODES:
+        values = [results[mode, s]["toycity-target"]["miou19"] for s in (0, 1)]
+        mean, std = torch.tensor(values).mean().item(), torch.tensor(values).std().item()
+        assert f"| {mode} | {mean:.2f} ± {std:.2f} |" in table
+    assert (tmp_path / "exp" / "stylized.png").is_file()
+    # a rerun (an interrupted experiment) trains nothing again
+    monkeypatch.setattr(ash, "train", lambda args: pytest.fail("trained again"))
+    assert ash.experiment(argv) == results

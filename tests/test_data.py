@@ -275,6 +275,23 @@ def test_toycity_outlier_domain_has_anomaly_ground_truth(toy):
     assert found > 0
 
 
+def test_toycity_outlier_split_in_the_source_look(tmp_path):
+    """look="source": the outlier domain's scenes (pasted objects included) drawn by the source renderer."""
+    for domain, look in (("outlier", "source"), ("source", None), ("outlier", None)):
+        data.make_toycity(tmp_path / f"{domain}-{look}", 2, (32, 64), domain, seed=3, split="val", look=look)
+    ours, source, target = (data.Cityscapes(tmp_path / name, "val")
+                            for name in ("outlier-source", "source-None", "outlier-None"))
+    for i in range(2):
+        assert torch.equal(ours[i]["label_ids"], target[i]["label_ids"]) and torch.equal(ours[i]["anomaly"],
+                                                                                          target[i]["anomaly"])
+        same = ours[i]["label_ids"] == source[i]["label_ids"]  # away from the pasted objects: the source image
+        assert same.float().mean() > 0.5
+        assert (ours[i]["image"][:, same] - source[i]["image"][:, same]).abs().mean() < 0.02
+        assert (ours[i]["image"][:, same] - target[i]["image"][:, same]).abs().mean() > 0.05
+    with pytest.raises(ValueError, match="look"):
+        data.make_toycity(tmp_path / "bad", 1, (32, 64), "outlier", look="night")
+
+
 def test_toycity_is_deterministic(tmp_path):
     for k in range(2):
         data.make_toycity(tmp_path / str(k), 2, (32, 64), "target", seed=5, split="train")

@@ -1,7 +1,9 @@
 """Robusta (robusta.py): label morphology (Appendix D), networks (Table A1), losses (Eq. A1-A9),
 two-stage training, checkpoints and dataset generation, at tiny sizes on CPU."""
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -275,3 +277,46 @@ def test_train_checkpoint_resume_and_generate(toy_root, tmp_path):
     before = image.stat().st_mtime_ns
     robusta.generate(checkpoint, source, tmp_path / "gen", edits=["dilate:disk:1"], outliers=1)
     assert image.stat().st_mtime_ns == before  # resumed: finished images are not rendered again
+
+
+@pytest.fixture(scope="module")
+def tiny_toycity(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toycity-all")
+    for domain in ("source", "target", "outlier"):
+        for split, n in (("train", 4), ("val", 2)):
+            data.make_toycity(root / domain, n, (32, 64), domain, seed=0, split=split)
+    return root
+
+
+def test_experiment_end_to_end_on_a_tiny_toycity(tiny_toycity, tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "toycity", lambda *a, **k: tiny_toycity)
+    argv = ["--quick", "--seeds", "0", "1", "--size", "32", "64", "--segmenter-steps", "6", "--evaluator-steps", "6",
+            "--segmenter-batch-size", "2",
+            "--device", "cpu", "--out", str(tmp_path / "exp")]
+    quality, robust = robusta.main(["experiment", *argv])
+    out = tmp_path / "exp"
+    stored = json.loads((out / "experiment.json").read_text())
+    assert set(stored["cells"]) == {"evaluator"} | {f"{c}-s{s}" for s in (0, 1) for c in (
+        "generator", "generator-nosegformer", "generated", "segmenter-real", "segmenter-robusta")}
+    assert "fine/miou" in quality["full", 0] and "fine/miou" not in quality["bare", 0]
+    for key in ("clean", "corrupted", "target"):
+        assert 0 <= robust["robusta", 1][key] <= 100
+    assert set(robust["real", 0]["outlier-source"]["maxlogit"]) == {"auroc", "aupr", "fpr95"}
+    # the outlier split in the source look holds the scenes of ToyCity's outlier/ with the same anomaly maps
+    ours, theirs = data.Cityscapes(out / "outlier-source", "val"), data.Cityscapes(tiny_toycity / "outlier", "val")
+    assert torch.equal(ours[1]["anomaly"], theirs[1]["anomaly"])
+    # the generated training set: edited maps with outliers, clean and under the training corruptions
+    manifests = [json.loads((Path(r) / "manifest.json").read_text()) for r in stored["cells"]["generated-s0"]["result"]]
+    assert [m["corruption"] for m in manifests] == [None, *robusta.TRAIN_CORRUPTIONS]
+    assert all(m["outliers"] == 1 and m["edits"][0]["op"] == "dilate" for m in manifests)
+    assert not set(robusta.TRAIN_CORRUPTIONS) & set(robusta.TEST_CORRUPTIONS)
+    seg = json.loads((out / "segmenter-robusta-s0" / "log.jsonl").read_text().splitlines()[0])
+    assert seg["step"] == 1
+    table = (out / "results.md").read_text()
+    values = [100 * quality["full", s]["fine/miou"] for s in (0, 1)]
+    assert f"| G_coarse + G_fine | {np.mean(values):.2f} ± {np.std(values, ddof=1):.2f} |" in table
+    for figure in ("samples.png", "morphology.png", "generated.png"):
+        assert (out / figure).is_file()
+    assert data.read_image(out / "morphology.png").shape[-1] > 5 * 64  # five structuring elements side by side
+    monkeypatch.setattr(robusta, "train", lambda args: pytest.fail("trained again"))
+    robusta.experiment(argv)

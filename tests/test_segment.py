@@ -274,3 +274,33 @@ def test_ddp_with_two_cpu_processes_runs_two_steps_and_writes_one_checkpoint(toy
     state = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
     assert state["step"] == 2 and len(state["rng"]) == 2
     assert proc.stdout.count("step 2/2") == 1  # only rank 0 prints
+
+
+def test_mean_std_is_the_sample_standard_deviation():
+    m, s = segment.mean_std([1.0, 2.0, 6.0])
+    assert m == pytest.approx(3.0) and s == pytest.approx(((4 + 1 + 9) / 2) ** 0.5)
+    assert segment.mean_std([5.0]) == (5.0, 0.0)
+
+
+def test_experiment_stores_each_run_once_and_refuses_other_settings(tmp_path, capsys):
+    calls = []
+
+    def run(value):
+        calls.append(value)
+        return {"miou": value, "t": torch.tensor(0.5).item()}
+
+    exp = segment.Experiment(tmp_path, "toy", {"seeds": [0, 1], "iters": 3})
+    for seed in (0, 1):
+        exp.cell(f"a-s{seed}", lambda: run(10.0 + seed))
+    # a new process (a resumed experiment) reuses the stored results instead of running again
+    again = segment.Experiment(tmp_path, "toy", {"seeds": [0, 1], "iters": 3})
+    results = [again.cell(f"a-s{seed}", lambda: run(-1.0)) for seed in (0, 1)]
+    assert calls == [10.0, 11.0] and [r["miou"] for r in results] == [10.0, 11.0]
+    assert "done earlier" in capsys.readouterr().out
+    text = again.table(["method", "mIoU"], [("a", [[r["miou"] for r in results]]), ("b", [[]])])
+    assert "| a | 10.50 ± 0.71 |" in text and "| b | - |" in text
+    assert "10.50 ± 0.71" in (tmp_path / "results.md").read_text()
+    stored = json.loads((tmp_path / "experiment.json").read_text())
+    assert set(stored["cells"]) == {"a-s0", "a-s1"} and stored["cells"]["a-s0"]["seconds"] >= 0
+    with pytest.raises(ValueError, match="other settings"):
+        segment.Experiment(tmp_path, "toy", {"seeds": [0, 1], "iters": 4})
