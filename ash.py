@@ -40,6 +40,7 @@ weights are torchvision's `resnet101-63fe2227.pth` (download.pytorch.org/models/
 """
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -453,9 +454,10 @@ def train_decoder(args):
     def save():
         run.save({"vgg": vgg.state_dict(), "decoder": stylizer.decoder.state_dict(), "rng": run.rng_state(),
                   "step": step, **{f"opt_{k}": opt.state_dict() for k, opt in optimizers.items()}})
-        if run.is_main:
-            torch.save(stylizer.decoder.state_dict(), run.dir / "decoder.pth")
-            torch.save(vgg.state_dict(), run.dir / "vgg_normalised.pth")
+        if run.is_main:  # the published layouts, each written atomically (temporary file + rename)
+            for name, module in (("decoder.pth", stylizer.decoder), ("vgg_normalised.pth", vgg)):
+                torch.save(module.state_dict(), run.dir / (name + ".tmp"))
+                os.replace(run.dir / (name + ".tmp"), run.dir / name)
 
     for step, batch in run.batches(content, step, args.iters):
         _, style_batch = next(style_batches)
@@ -884,16 +886,15 @@ def demo_parser():
 
 
 def demo_stylizer(d, adain_dir):
-    """Train (or reuse) the demo's AdaIN encoder/decoder on ToyCity source images and paintings."""
+    """Train the demo's AdaIN encoder/decoder on ToyCity source images and paintings; --resume auto
+    continues an interrupted training and reuses a finished one (its loop then has nothing to do)."""
     toy = data.toycity()
-    if not (adain_dir / "decoder.pth").is_file():
-        train_decoder(decoder_parser().parse_args([
-            "--content", str(toy / "source" / "leftImg8bit" / "train"), "--styles", str(toy / "paintings"),
-            "--width", str(d.width), "--iters", str(d.decoder_iters), "--encoder-iters", str(d.encoder_iters),
-            "--batch-size", str(2 * d.batch_size), "--lr", "1e-3", "--size", *map(str, d.size),
-            "--crop", *map(str, d.size),
-            "--name", adain_dir.name, "--log-every", "50", "--out", str(adain_dir.parent), "--device", d.device,
-            "--workers", "0"]))
+    train_decoder(decoder_parser().parse_args([
+        "--content", str(toy / "source" / "leftImg8bit" / "train"), "--styles", str(toy / "paintings"),
+        "--width", str(d.width), "--iters", str(d.decoder_iters), "--encoder-iters", str(d.encoder_iters),
+        "--batch-size", str(2 * d.batch_size), "--lr", "1e-3", "--size", *map(str, d.size), "--crop", *map(str, d.size),
+        "--name", adain_dir.name, "--log-every", "50", "--out", str(adain_dir.parent), "--device", d.device,
+        "--workers", "0", "--resume", "auto"]))
     return adain_dir
 
 
@@ -936,7 +937,8 @@ def experiment_parser():
     p.set_defaults(out="runs/ash-experiment", iters=300)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of Algorithm 1 (>= 3 for a std)")
     p.add_argument("--modes", nargs="+", default=list(EXPERIMENT_MODES), choices=EXPERIMENT_MODES)
-    p.add_argument("--quick", action="store_true", help="a quarter of the iterations (a smoke test)")
+    p.add_argument("--quick", action="store_true",
+                   help="a sixth of the iterations, a quarter of the decoder's (a smoke test)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     return p
 
@@ -946,7 +948,7 @@ def experiment(argv=()):
     writes <out>/experiment.json, results.md (mean +- std) and a source | stylized | prediction figure."""
     d = experiment_parser().parse_args(list(argv))
     if d.quick:
-        d.iters, d.decoder_iters, d.encoder_iters = d.iters // 4, d.decoder_iters // 4, d.encoder_iters // 4
+        d.iters, d.decoder_iters, d.encoder_iters = d.iters // 6, d.decoder_iters // 4, d.encoder_iters // 4
         d.out = d.out + "-quick" if d.out == "runs/ash-experiment" else d.out
     if d.threads:
         torch.set_num_threads(d.threads)
