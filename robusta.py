@@ -1054,38 +1054,43 @@ def evaluate_generators(g_coarse, g_fine, dataset, label_nc, scale=1, segmenter=
       label map), filter_rate 0, 1, 2, for G_coarse and G_fine;
     - mIoU of `segmenter` (trained on real images) on the generated images against the input labels
       (the SPADE/OASIS protocol), beside its mIoU on the real images;
-    - FID (metrics.fid) with the pytorch-fid Inception weights `inception`; skipped without them.
+    - FID (metrics.frechet_distance of pytorch-fid Inception pool features) with the weights
+      `inception`; skipped without them.
+    Streamed: one batch of images is in memory at a time (Inception features: 2048 floats per image).
     """
-    real, outputs = [], {"coarse": [], "fine": []}
-    confusion = {k: metrics.ConfusionMatrix(num_classes) for k in ("real", "coarse", "fine")}
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
-    for batch in loader:
+    keys = ["coarse"] + (["fine"] if g_fine is not None else [])
+    confusion = {k: metrics.ConfusionMatrix(num_classes) for k in ["real"] + keys}
+    spectral = {(k, rate): 0.0 for k in keys for rate in (0, 1, 2)}
+    fid_model = metrics.load_fid_inception(inception, device) if inception else None
+    features = {k: [] for k in ["real"] + keys}
+    count = 0
+    for batch in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
         ids = batch["label_ids"].to(device)
         coarse, fine = render(g_coarse, g_fine, ids, label_nc, scale)
         images = {"real": batch["image"].to(device), "coarse": coarse, "fine": fine}
-        real.append(images["real"].cpu())
-        for key in ("coarse", "fine"):
-            if images[key] is not None:
-                outputs[key].append(images[key].cpu())
-        if segmenter is not None:
-            for key, x in images.items():
-                if x is not None:
-                    x = F.interpolate(x, size=ids.shape[-2:], mode="bilinear", align_corners=False)
-                    confusion[key].update(segment.predict(segmenter, x).argmax(1).cpu(), batch["labels"])
-    real = torch.cat(real)
+        for key in keys:
+            fake = images[key]
+            real = images["real"] if fake.shape == images["real"].shape else F.interpolate(
+                images["real"], size=fake.shape[-2:], mode="bilinear", align_corners=False)
+            for rate in (0, 1, 2):  # E.1.3: full spectrum, low and high cut-off of the high-pass filter
+                spectral[key, rate] += len(fake) * metrics.spectral_distance(real, fake, rate, paired=True)
+        for key in ["real"] + keys:
+            x = images[key]
+            if fid_model is not None:
+                features[key].append(fid_model(x).double().cpu())
+            if segmenter is not None:
+                x = F.interpolate(x, size=ids.shape[-2:], mode="bilinear", align_corners=False)
+                confusion[key].update(segment.predict(segmenter, x).argmax(1).cpu(), batch["labels"])
+        count += len(ids)
     results = {}
-    for key, images in outputs.items():
-        if not images:
-            continue
-        fake = torch.cat(images)
-        target = real if fake.shape == real.shape else F.interpolate(real, size=fake.shape[-2:], mode="bilinear",
-                                                                     align_corners=False)
-        for rate in (0, 1, 2):  # E.1.3: full spectrum, low and high cut-off of the high-pass filter
-            results[f"{key}/spectral_distance_f{rate}"] = metrics.spectral_distance(target, fake, rate, paired=True)
+    for key in keys:
+        for rate in (0, 1, 2):
+            results[f"{key}/spectral_distance_f{rate}"] = spectral[key, rate] / count
         if segmenter is not None:
             results[f"{key}/miou"] = float(confusion[key].miou())
-        if inception:
-            results[f"{key}/fid"] = float(metrics.fid(real, fake, weights=inception, device=device))
+        if fid_model is not None:
+            stats = [(f.mean(0), torch.cov(f.T)) for f in (torch.cat(features["real"]), torch.cat(features[key]))]
+            results[f"{key}/fid"] = metrics.frechet_distance(*stats[0], *stats[1])
     if segmenter is not None:
         results["real/miou"] = float(confusion["real"].miou())
     if not inception:

@@ -9,6 +9,8 @@ import torch
 import torchvision
 
 import data
+import metrics
+import segment
 import robusta
 from robusta import (GCoarse, GFine, MultiscaleDiscriminator, SPADE, VGGLoss, closing, dilate, dilate_labels, erode,
                      erode_labels, opening, structuring_element)
@@ -320,3 +322,29 @@ def test_experiment_end_to_end_on_a_tiny_toycity(tiny_toycity, tmp_path, monkeyp
     assert data.read_image(out / "morphology.png").shape[-1] > 5 * 64  # five structuring elements side by side
     monkeypatch.setattr(robusta, "train", lambda args: pytest.fail("trained again"))
     robusta.experiment(argv)
+
+
+def test_evaluate_generators_streams_the_numbers_of_the_whole_sets(toy_root, tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    args = robusta.resolve(robusta.build_parser().parse_args(["train"] + TINY))
+    g_coarse, _, g_fine, _ = (m.eval() for m in robusta.build_networks(args))
+    segmenter = segment.build_model("deeplabv3plus-r18", data.NUM_CLASSES).eval()
+    # a small stand-in for the Inception network (the bookkeeping of the features is what is tested)
+    features = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten()).eval()
+    monkeypatch.setattr(metrics, "load_fid_inception", lambda weights, device="cpu": features)
+    weights = tmp_path / "inception.pth"
+    dataset = data.Cityscapes(toy_root, "train", size=(32, 64))  # 4 maps in batches of 3 + 1
+    got = robusta.evaluate_generators(g_coarse, g_fine, dataset, args.label_nc, 1, segmenter, weights, batch_size=3)
+    whole = next(iter(torch.utils.data.DataLoader(dataset, batch_size=len(dataset))))
+    coarse, fine = robusta.render(g_coarse, g_fine, whole["label_ids"], args.label_nc)
+    for key, fake in (("coarse", coarse), ("fine", fine), ("real", whole["image"])):
+        assert fake.shape == (4, 3, 32, 64)
+        cm = metrics.ConfusionMatrix(data.NUM_CLASSES)
+        cm.update(segment.predict(segmenter, fake).argmax(1), whole["labels"])
+        assert got[f"{key}/miou"] == pytest.approx(float(cm.miou()), abs=1e-6)
+        if key == "real":
+            continue
+        for rate in (0, 1, 2):
+            assert got[f"{key}/spectral_distance_f{rate}"] == pytest.approx(
+                metrics.spectral_distance(whole["image"], fake, rate, paired=True), rel=1e-9)
+        assert got[f"{key}/fid"] == pytest.approx(metrics.fid(whole["image"], fake, weights, device="cpu"), rel=1e-4)
