@@ -1507,7 +1507,7 @@ def experiment(argv=()):
              [column(quality_rows, kind, f"{part}/spectral_distance_f{r}") for r in range(3)])
             for name, kind, part in q]
     exp.table(["generator (Table A6 rows)", "mIoU on generated (%) ↑", "spectral f0 ↓", "spectral f1 ↓",
-               "spectral f2 ↓"], rows,
+               "spectral f2 ↓"], rows, decimals=[2, 3, 3, 3],
               note=f"{e.epochs} + {e.fine_epochs} epochs of batch 4 over {len(train_maps)} maps at "
                    f"{size[0]}x{size[1]}; "
                    f"mIoU of a fixed DeepLab-v3+ R18 trained {e.evaluator_steps} steps on real source images (seed 0), "

@@ -396,18 +396,21 @@ class Experiment:
         """Wall-clock seconds of all runs stored so far (over every session that contributed)."""
         return sum(c["seconds"] for c in self.state["cells"].values())
 
-    def table(self, header, rows, note=""):
+    def table(self, header, rows, note="", decimals=2):
         """header: column names; rows: (name, [per-column list of per-seed values or None]) ->
-        a Markdown table of mean +- std, printed, appended to self.state["tables"] and results.md."""
+        a Markdown table of mean +- std, printed, appended to self.state["tables"] and results.md.
+        decimals: digits after the point, one number for all columns or one per value column."""
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
+        if isinstance(decimals, int):
+            decimals = [decimals] * (len(header) - 1)
         for name, columns in rows:
             cells = []
-            for values in columns:
+            for values, digits in zip(columns, decimals):
                 if not values:
                     cells.append("-")
                     continue
                 m, s = mean_std(values)
-                cells.append(f"{m:.2f} ± {s:.2f}")
+                cells.append(f"{m:.{digits}f} ± {s:.{digits}f}")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         text = "\n".join(lines) + (f"\n\n{note}" if note else "")
         print("\n" + text + "\n", flush=True)

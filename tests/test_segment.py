@@ -300,6 +300,7 @@ def test_experiment_stores_each_run_once_and_refuses_other_settings(tmp_path, ca
     text = again.table(["method", "mIoU"], [("a", [[r["miou"] for r in results]]), ("b", [[]])])
     assert "| a | 10.50 ± 0.71 |" in text and "| b | - |" in text
     assert "10.50 ± 0.71" in (tmp_path / "results.md").read_text()
+    assert "| a | 10.5000 ± 0.7071 |" in again.table(["method", "mIoU"], [("a", [[10.0, 11.0]])], decimals=[4])
     stored = json.loads((tmp_path / "experiment.json").read_text())
     assert set(stored["cells"]) == {"a-s0", "a-s1"} and stored["cells"]["a-s0"]["seconds"] >= 0
     with pytest.raises(ValueError, match="other settings"):
