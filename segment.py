@@ -369,6 +369,7 @@ class Experiment:
         self.out.mkdir(parents=True, exist_ok=True)
         self.path = self.out / "experiment.json"
         self.state = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        settings = json.loads(json.dumps(settings))  # as stored: tuples become lists
         if self.state.get("settings", settings) != settings:
             raise ValueError(f"{self.path} holds runs with other settings ({self.state['settings']}); "
                              f"move it away or give another --out")

@@ -305,3 +305,9 @@ def test_experiment_stores_each_run_once_and_refuses_other_settings(tmp_path, ca
     assert set(stored["cells"]) == {"a-s0", "a-s1"} and stored["cells"]["a-s0"]["seconds"] >= 0
     with pytest.raises(ValueError, match="other settings"):
         segment.Experiment(tmp_path, "toy", {"seeds": [0, 1], "iters": 4})
+
+
+def test_experiment_resumes_with_settings_that_json_stores_differently(tmp_path):
+    settings = {"seeds": [0], "size": (64, 128)}  # argparse defaults are often tuples; JSON keeps lists
+    segment.Experiment(tmp_path, "toy", settings).cell("a", lambda: 1)
+    assert segment.Experiment(tmp_path, "toy", settings).cell("a", lambda: pytest.fail("ran again")) == 1
