@@ -995,4 +995,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    data.cli(main)

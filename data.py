@@ -23,6 +23,7 @@ import io
 import math
 import os
 import shutil
+import sys
 from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -133,8 +134,35 @@ def instance_edges(instance_ids):
 
 
 # --------------------------------------------------------------------------------------------
-# 2. Files
+# 2. Files, and the errors a user can cause
 # --------------------------------------------------------------------------------------------
+
+class UserError(Exception):
+    """A mistake of the user's, not a bug: a missing file or folder, a wrong option value, bad data.
+    The command lines of every module print it as one line `error: ...` and exit with status 2
+    (argparse's convention) instead of a traceback; `--debug` shows the traceback."""
+
+
+class MissingFile(UserError, FileNotFoundError):
+    """A dataset root, weight file, checkpoint or other path that does not exist."""
+
+
+class BadInput(UserError, ValueError):
+    """An option value or a file's content that cannot be used (corrupt image, label id out of range)."""
+
+
+def cli(main, argv=None):
+    """Run a module's `main(argv)` as a command line: a UserError is printed as `error: <message>`
+    on one line (stderr) with exit status 2; with `--debug` anywhere in argv it keeps its traceback."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    try:
+        return main([a for a in argv if a != "--debug"])
+    except UserError as e:
+        if debug:
+            raise
+        print("error: " + " ".join(str(e).split()), file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 def _open_lazy(path):
     path = Path(path)
@@ -1544,4 +1572,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

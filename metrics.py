@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, InceptionC, InceptionD, InceptionE
 
+import data
+
 # ---------------------------------------------------------------------------------------------
 # 1. Segmentation: confusion matrix, IoU, mIoU (Cityscapes convention)
 # ---------------------------------------------------------------------------------------------
@@ -776,4 +778,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    data.cli(main)

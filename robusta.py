@@ -1596,4 +1596,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    data.cli(main)

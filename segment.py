@@ -31,6 +31,7 @@ import io
 import json
 import math
 import os
+import platform
 import random
 import time
 from pathlib import Path
@@ -422,6 +423,40 @@ class Experiment:
             f"# {self.title}\n\nmean ± std (ddof=1) over seeds {self.state['settings'].get('seeds')}; "
             f"{self.seconds() / 60:.1f} min of runs.\n\n{tables}\n")
         return text
+
+
+def machine():
+    """One line naming the machine a figure was measured on: CPU, cores, torch, threads, Python."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"Python {platform.python_version()}")
+
+
+def write_section(page, name, text):
+    """Put `text` between the markers `<!-- begin NAME -->` and `<!-- end NAME -->` of a Markdown page
+    (appended, with its markers, if the page has none), atomically. The experiment commands own their
+    sections of docs/results.md this way, so the numbers there cannot drift from experiment.json;
+    prose outside the markers is kept as it is."""
+    page = Path(page)
+    begin, end = f"<!-- begin {name} (written by the command; edits here are overwritten) -->", f"<!-- end {name} -->"
+    old = page.read_text() if page.is_file() else ""
+    block = f"{begin}\n{text.strip()}\n{end}"
+    i, j = old.find(begin), old.find(end)
+    if (i < 0) != (j < 0) or j < i:
+        raise data.BadInput(f"{page}: the markers of section {name!r} are broken; restore '{begin}' ... '{end}'")
+    new = old[:i] + block + old[j + len(end):] if i >= 0 else old.rstrip("\n") + ("\n\n" if old else "") + block + "\n"
+    page.parent.mkdir(parents=True, exist_ok=True)
+    tmp = page.with_name(page.name + ".tmp")
+    tmp.write_text(new)
+    os.replace(tmp, page)
+    return page
 
 
 def svg_curve(title, points, width=360, height=180):
@@ -1441,4 +1476,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    data.cli(main)

@@ -4,16 +4,13 @@ Prints the machine, then one Markdown table row per measured operation: the medi
 timed runs after a warm-up, with its unit. README > Performance quotes this output.
 """
 import argparse
-import os
-import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import tempfile  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -43,19 +40,6 @@ def timeit(fn, runs=5, warmup=1):
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
-
-
-def machine():
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"Python {platform.python_version()}")
 
 
 BENCHES = []
@@ -328,7 +312,7 @@ def main():
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"Machine: {machine()}\n")
+    print(f"Machine: {segment.machine()}\n")
     print("| operation | median | unit |\n| --- | ---: | --- |", flush=True)
     for fn in BENCHES:
         if args.only in fn.__name__:

@@ -407,3 +407,26 @@ def test_command_line_writes_a_toycity_tree(tmp_path, capsys):
     assert "anomaly" in data.Cityscapes(tmp_path / "outlier", "val")[0]
     assert not (tmp_path / "target").exists() and len(data.StyleFolder(tmp_path / "paintings")) == 1
     assert "ToyCity: done" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- command-line errors
+
+def test_cli_prints_a_user_error_as_one_line_with_status_2_and_debug_keeps_the_traceback(capsys):
+    def main(argv):
+        raise data.MissingFile("GTA5: missing /nowhere/images\n  expected layout: root/images/<n>.png")
+
+    with pytest.raises(SystemExit) as e:
+        data.cli(main, ["--data-root", "/nowhere"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "error: GTA5: missing /nowhere/images expected layout: root/images/<n>.png\n"
+    with pytest.raises(FileNotFoundError):  # MissingFile is also a FileNotFoundError; --debug re-raises it
+        data.cli(main, ["--debug"])
+
+
+def test_cli_lets_bugs_through_with_their_traceback():
+    def main(argv):
+        raise KeyError("a bug")
+
+    with pytest.raises(KeyError):
+        data.cli(main, [])

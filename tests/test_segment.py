@@ -311,3 +311,18 @@ def test_experiment_resumes_with_settings_that_json_stores_differently(tmp_path)
     settings = {"seeds": [0], "size": (64, 128)}  # argparse defaults are often tuples; JSON keeps lists
     segment.Experiment(tmp_path, "toy", settings).cell("a", lambda: 1)
     assert segment.Experiment(tmp_path, "toy", settings).cell("a", lambda: pytest.fail("ran again")) == 1
+
+
+def test_write_section_replaces_only_its_own_markers(tmp_path):
+    page = tmp_path / "results.md"
+    page.write_text("# Results\n\nverdict prose\n")
+    segment.write_section(page, "ash", "| old |")
+    segment.write_section(page, "robusta", "| r |")
+    segment.write_section(page, "ash", "| new |")
+    text = page.read_text()
+    assert text.startswith("# Results\n\nverdict prose\n")
+    assert "| new |" in text and "| old |" not in text and "| r |" in text
+    assert text.index("begin ash") < text.index("begin robusta")  # a section keeps its place
+    page.write_text(text.replace("<!-- end ash -->", ""))
+    with pytest.raises(data.BadInput, match="markers"):
+        segment.write_section(page, "ash", "x")
