@@ -412,17 +412,17 @@ class FIDInception(nn.Module):
 def load_fid_inception(weights, device="cpu"):
     """FIDInception with the published weights from a local path (no downloads)."""
     if weights is None:
-        raise ValueError(f"FID needs the Inception weights {FID_WEIGHTS}: download it from the pytorch-fid "
-                         f"GitHub releases ({FID_WEIGHTS_URL}) and pass its path (--weights PATH)")
+        raise data.BadInput(f"FID needs the Inception weights {FID_WEIGHTS}: download it from the pytorch-fid "
+                            f"GitHub releases ({FID_WEIGHTS_URL}) and pass its path (--weights PATH)")
     if not Path(weights).is_file():
-        raise FileNotFoundError(f"FID Inception weights not found at {weights}; expected {FID_WEIGHTS}, "
-                                f"published at {FID_WEIGHTS_URL}")
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated download, wrong file type, ...
-        raise ValueError(f"cannot read the FID Inception weights {weights} (expected {FID_WEIGHTS}): {e}") from e
+        raise data.MissingFile(f"FID Inception weights not found at {weights}; expected {FID_WEIGHTS}, "
+                               f"published at {FID_WEIGHTS_URL}")
     model = FIDInception()
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    except Exception as e:  # truncated download, wrong file type, another network's checkpoint, ...
+        raise data.BadInput(f"cannot read the FID Inception weights {weights} (expected {FID_WEIGHTS}): "
+                            f"{' '.join(str(e).split())[:300]}") from e
     return model.eval().requires_grad_(False).to(device)
 
 
@@ -433,13 +433,12 @@ def _images(source):
     """Yield (3, H, W) float images in [0, 1] from a tensor (N, 3, H, W), a folder (recursive,
     sorted), or an iterable of tensors / batches / dicts with an "image" key (a Dataset, a DataLoader)."""
     if isinstance(source, (str, Path)):
-        import data
         folder = Path(source)
         if not folder.is_dir():
-            raise FileNotFoundError(f"image folder not found: {folder}")
+            raise data.MissingFile(f"image folder not found: {folder}")
         paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not paths:
-            raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+            raise data.BadInput(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
         yield from (data.read_image(p) for p in paths)
         return
     for item in source:
@@ -472,7 +471,11 @@ def inception_statistics(source, model, batch_size=50, device="cpu"):
     (pytorch-fid's precomputed statistics). Batches are merged with Chan et al.'s pairwise update.
     """
     if isinstance(source, (str, Path)) and str(source).endswith(".npz"):
+        if not Path(source).is_file():
+            raise data.MissingFile(f"FID statistics not found: {source}")
         stats = np.load(source)
+        if not {"mu", "sigma"} <= set(stats.files):
+            raise data.BadInput(f"{source}: FID statistics need arrays 'mu' and 'sigma', found {stats.files}")
         return torch.from_numpy(stats["mu"]).double(), torch.from_numpy(stats["sigma"]).double()
     n, mean, scatter = 0, None, None
     for batch in _image_batches(source, batch_size):
@@ -487,7 +490,7 @@ def inception_statistics(source, model, batch_size=50, device="cpu"):
         mean += delta * (b / (n + b))
         n += b
     if n < 2:
-        raise ValueError(f"FID statistics need at least 2 images, got {n}")
+        raise data.BadInput(f"FID statistics need at least 2 images, got {n}")
     if n < 2048:
         warnings.warn(f"{n} images < 2048 feature dimensions: the covariance is singular and FID biased")
     return mean, scatter / (n - 1)
@@ -531,6 +534,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=0.0):
 def fid(real, fake, weights=None, batch_size=50, device=None):
     """FID between two image sets (tensors in [0, 1], folders, iterables, or .npz statistics)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    for source in (real, fake):  # before the model loads: a missing folder is found at once
+        if isinstance(source, (str, Path)) and not Path(source).exists():
+            raise data.MissingFile(f"FID: image folder or statistics not found: {source}")
     model = load_fid_inception(weights, device)
     return frechet_distance(*inception_statistics(real, model, batch_size, device),
                             *inception_statistics(fake, model, batch_size, device))
@@ -570,11 +576,11 @@ def _mean_log_spectrum(source, batch_size):
     total, count = 0.0, 0
     for x in _image_batches(source, batch_size):
         if count and x.shape[-2:] != total.shape:
-            raise ValueError(f"spectral_distance needs images of one size, got {tuple(x.shape[-2:])} "
-                             f"after {tuple(total.shape)}")
+            raise data.BadInput(f"spectral_distance needs images of one size, got {tuple(x.shape[-2:])} "
+                                f"after {tuple(total.shape)}")
         total, count = total + log_spectrum(x).sum(0), count + len(x)
     if not count:
-        raise ValueError("spectral_distance got an empty image set")
+        raise data.BadInput("spectral_distance got an empty image set")
     return total / count
 
 
@@ -592,12 +598,13 @@ def spectral_distance(a, b, filter_rate=0, paired=False, batch_size=16):
     if not paired:
         sa, sb = _mean_log_spectrum(a, batch_size), _mean_log_spectrum(b, batch_size)
         if sa.shape != sb.shape:
-            raise ValueError(f"image sizes differ: {tuple(sa.shape)} and {tuple(sb.shape)}")
+            raise data.BadInput(f"spectral_distance: image sizes differ: {tuple(sa.shape)} and {tuple(sb.shape)}")
         return (sa - sb).abs()[high_pass_mask(*sa.shape, filter_rate).to(sa.device)].mean().item()  # Figure A3
     total, count = 0.0, 0
     for x, y in itertools.zip_longest(_image_batches(a, batch_size), _image_batches(b, batch_size)):
         if x is None or y is None or x.shape != y.shape:
-            raise ValueError("paired=True needs two sets of equal length whose i-th images have the same size")
+            raise data.BadInput("spectral_distance: paired=True needs two sets of equal length whose i-th images "
+                                "have the same size")
         mask = high_pass_mask(*x.shape[-2:], filter_rate).to(x.device)
         total += (log_spectrum(x) - log_spectrum(y)).abs()[:, mask].mean(1).sum().item()  # Figure A3, per pair
         count += len(x)
@@ -714,7 +721,7 @@ def _label_files(folder, suffix=None):
     stem; only the files ending in `suffix` when the folder has any (gtFine also holds _color PNGs)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"label folder not found: {folder}")
+        raise data.MissingFile(f"label folder not found: {folder}")
     files = sorted(folder.rglob("*.png"))
     if suffix and any(p.name.endswith(suffix) for p in files):
         files = [p for p in files if p.name.endswith(suffix)]
@@ -728,20 +735,22 @@ def evaluate_folders(pred_dir, gt_dir, pred_kind="trainId", gt_kind="id"):
     or "id" (Cityscapes label ids mapped with data.ID_TO_TRAINID; GT files *_gtFine_labelIds.png,
     the format cityscapesScripts evaluates).
     """
-    import data
     preds = _label_files(pred_dir)
     gts = _label_files(gt_dir, "_gtFine_labelIds.png" if gt_kind == "id" else "_gtFine_labelTrainIds.png")
     missing = sorted(set(gts) - set(preds))
     if missing:
-        raise FileNotFoundError(f"{len(missing)} ground-truth maps have no prediction in {pred_dir}, "
-                                f"e.g. {gts[missing[0]].name} (expected a file named {missing[0]}*.png)")
+        raise data.MissingFile(f"{len(missing)} ground-truth maps have no prediction in {pred_dir}, "
+                               f"e.g. {gts[missing[0]].name} (expected a file named {missing[0]}*.png)")
     cm = ConfusionMatrix(data.NUM_CLASSES, data.IGNORE_INDEX)
     for stem, gt_path in gts.items():
         pred, gt = data.read_label(preds[stem]), data.read_label(gt_path)
         pred, gt = (data.ID_TO_TRAINID[x] if kind == "id" else x for x, kind in ((pred, pred_kind), (gt, gt_kind)))
         if pred.shape != gt.shape:
-            raise ValueError(f"{preds[stem]} is {tuple(pred.shape)} but {gt_path} is {tuple(gt.shape)}")
-        cm.update(pred, gt)
+            raise data.BadInput(f"{preds[stem]} is {tuple(pred.shape)} but {gt_path} is {tuple(gt.shape)}")
+        try:
+            cm.update(pred, gt)
+        except ValueError as e:  # values that are not trainIds (e.g. --pred-kind / --gt-kind not what the files hold)
+            raise data.BadInput(f"{preds[stem]} vs {gt_path}: {e}") from e
     return cm
 
 
@@ -767,6 +776,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.command == "fid":
+        if args.batch_size < 1:
+            raise data.BadInput(f"--batch-size must be at least 1, got {args.batch_size}")
+        try:
+            device = torch.device(args.device) if args.device else None
+        except RuntimeError as e:
+            raise data.BadInput(f"--device {args.device!r}: {e}") from e
+        if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+            raise data.BadInput(f"--device {args.device}: CUDA is not available on this machine")
         value = fid(args.real, args.fake, weights=args.weights, batch_size=args.batch_size, device=args.device)
         print(f"| real | fake | FID |\n| --- | --- | ---: |\n| {args.real} | {args.fake} | {value:.3f} |")
     elif args.command == "miou":

@@ -432,3 +432,23 @@ def test_miou_cli_reads_cityscapes_label_ids_and_prints_the_table(tmp_path, caps
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="a_000001"):
         metrics.main(["miou", "--pred", str(tmp_path / "empty"), "--gt", str(tmp_path / "gt")])
+
+
+def test_command_lines_answer_a_missing_path_or_bad_value_with_one_line_and_status_2(tmp_path, capsys):
+    data.write_image(tmp_path / "images" / "a.png", torch.rand(3, 8, 8))
+    images = str(tmp_path / "images")
+    for argv, message in (
+            (["fid", "--real", images, "--fake", images, "--weights", str(tmp_path / "missing.pth")],
+             f"FID Inception weights not found at {tmp_path / 'missing.pth'}; expected "
+             "pt_inception-2015-12-05-6726825d.pth, published at https://github.com/mseitzer/pytorch-fid"),
+            (["fid", "--real", str(tmp_path / "nowhere"), "--fake", images],
+             f"FID: image folder or statistics not found: {tmp_path / 'nowhere'}"),
+            (["fid", "--real", images, "--fake", images, "--batch-size", "0"], "--batch-size must be at least 1"),
+            (["miou", "--pred", images, "--gt", str(tmp_path / "nowhere")],
+             f"label folder not found: {tmp_path / 'nowhere'}"),
+            (["spectral", "--real", str(tmp_path / "nowhere"), "--fake", images],
+             f"image folder not found: {tmp_path / 'nowhere'}")):
+        with pytest.raises(SystemExit) as e:
+            data.cli(metrics.main, argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: " + message) and err.count("\n") == 1, err
