@@ -5,11 +5,14 @@ Contents, in reading order:
 1. The Cityscapes label table (`LABELS`, cityscapesScripts' 34 labels + license plate) and its
    lookups: `ID_TO_TRAINID`, `TRAINID_TO_COLOR`, `colorize`, `one_hot` (the 35-channel generator
    input of pix2pixHD/SPADE/Robusta), `instance_edges` (pix2pixHD's extra boundary channel).
-2. Files: `read_image`, `read_label`, `write_image`, `write_label` (PNG), with errors that name the file.
+2. Files: `read_image`, `read_label`, `read_style_image` (paintings of any size and mode), `read_mat`
+   (MATLAB v5 numeric arrays: GTA5's split.mat), `write_image`, `write_label` (PNG), with errors
+   that name the file (`UserError`: `MissingFile`, `BadInput`; `cli` prints them on one line).
 3. Paired transforms that keep label maps exact: `Resize`, `RandomScaleCrop`, `RandomFlip`,
    `Compose`, and `RESOLUTIONS`, the per-dataset sizes of Robusta Tables A2/A3.
 4. Dataset readers (torch Datasets returning dicts): `Cityscapes`, `GTA5`, `Synthia`, `Mapillary`,
-   `ADE20K`, `CocoStuff`, `BDD100K`, `StreetHazards`, `StyleFolder`, `LabelFolder`.
+   `ADE20K`, `CocoStuff`, `BDD100K`, `StreetHazards`, `StyleFolder`, `LabelFolder`; `check_split`
+   (a pass over a split that lists every bad file).
 5. Corruptions in the manner of ImageNet-C / Cityscapes-C (Hendrycks & Dietterich, ICLR 2019):
    `CORRUPTIONS`, `corrupt(image, name, severity, seed)` (Robusta Table A10, Corrupted-Cityscapes).
 6. ToyCity: `make_toycity` (procedural scenes written as a Cityscapes tree, in a "source",
@@ -17,13 +20,20 @@ Contents, in reading order:
 
 Run:
     python data.py toycity --out DIR [--size 256 512 --num 200 --seed 0]
+    python data.py check --dataset gta5 --root GTA5 [--split all]    # lists every bad file of a split
 """
 import argparse
+import contextlib
 import io
 import math
 import os
 import shutil
+import struct
 import sys
+import threading
+import time
+import warnings
+import zlib
 from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageFile
 
 # --------------------------------------------------------------------------------------------
 # 1. The Cityscapes label table (cityscapesScripts/helpers/labels.py)
@@ -161,24 +171,35 @@ def cli(main, argv=None):
     except UserError as e:
         if debug:
             raise
-        print("error: " + " ".join(str(e).split()), file=sys.stderr, flush=True)
+        print("error: " + _one_line(e), file=sys.stderr, flush=True)
         raise SystemExit(2) from None
 
+
+def _one_line(error):
+    """An error's message on one line (how `cli` prints it and how a skipped sample reports it)."""
+    return " ".join(str(error).split())
+
+
+# what Pillow raises on a file it cannot decode (unknown format, truncated, corrupt, too large)
+PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
+
+
 def _open_lazy(path):
+    """Open an image file without decoding its pixels (header only)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
+        raise MissingFile(f"{path}: no such file")
     try:
         return Image.open(path)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot read image file {path}: {e}") from e
+    except PIL_ERRORS as e:
+        raise BadInput(f"{path}: cannot read image ({_one_line(e)})") from e
 
 
 def _loaded(img, path):
     try:
         img.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot read image file {path}: {e}") from e
+    except PIL_ERRORS as e:
+        raise BadInput(f"{path}: cannot read image ({_one_line(e)})") from e
     return img
 
 
@@ -192,13 +213,20 @@ def read_image(path):
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float().div_(255)
 
 
-def read_label(path):
-    """A single-channel (8-bit, 16-bit or palette) label PNG -> int64 tensor (H, W) of its values."""
+def _label_array(path):
+    """A single-channel (8-bit, 16-bit or palette) label PNG -> numpy (H, W) of its values, in the
+    file's own integer type (uint8 for 8-bit files: the readers look them up without a copy)."""
     img = _open(path)
     if img.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L", "1"):
-        raise ValueError(f"label file {path} has mode {img.mode}; expected a single-channel (L, P, I;16) PNG "
-                         "of label ids (a colour PNG such as *_color.png is not a label map)")
-    return torch.from_numpy(np.asarray(img).astype(np.int64))
+        raise BadInput(f"{path}: label file has mode {img.mode}; expected a single-channel (L, P, I;16) PNG "
+                       "of label ids (a colour PNG such as *_color.png is not a label map)")
+    values = np.asarray(img)
+    return values.astype(np.uint8) if values.dtype == bool else values
+
+
+def read_label(path):
+    """A single-channel (8-bit, 16-bit or palette) label PNG -> int64 tensor (H, W) of its values."""
+    return torch.from_numpy(_label_array(path).astype(np.int64))
 
 
 def read_png16_rgb(path):
@@ -209,10 +237,127 @@ def read_png16_rgb(path):
     for rawmode in ("RGB;16B", "RGB;16L"):
         img = _open_lazy(path)
         if img.mode != "RGB" or img.tile[0][3] != "RGB;16B":
-            raise ValueError(f"{path} is not a 16-bit RGB PNG (mode {img.mode}); SYNTHIA labels are")
+            raise BadInput(f"{path}: not a 16-bit RGB PNG (mode {img.mode}), as SYNTHIA's labels are")
         img.tile = [(t[0], t[1], t[2], rawmode) for t in img.tile]
         planes.append(np.asarray(_loaded(img, path)).astype(np.int64))
     return torch.from_numpy(planes[0] * 256 + planes[1]).permute(2, 0, 1)
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+STYLE_MAX_SIDE = 1024  # longer side of a style image after loading (our choice; AdaIN trains on 512 resizes)
+_LENIENT = {"lock": threading.Lock(), "readers": 0, "saved": None}
+
+
+@contextlib.contextmanager
+def _lenient_pil():
+    """While style images are read: no decompression-bomb limit, and truncated files load what they
+    hold (pytorch-AdaIN sets both for good for its style folder; here only for the duration, the
+    previous values restored when the last overlapping reader, in any thread, is done)."""
+    with _LENIENT["lock"]:
+        if _LENIENT["readers"] == 0:
+            _LENIENT["saved"] = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
+        _LENIENT["readers"] += 1
+        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = None, True
+    try:
+        yield
+    finally:
+        with _LENIENT["lock"]:
+            _LENIENT["readers"] -= 1
+            if _LENIENT["readers"] == 0:
+                Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = _LENIENT["saved"]
+
+
+def read_style_image(path, max_side=STYLE_MAX_SIDE):
+    """A painting or photo of any size and mode (Painter by Numbers) -> float (3, H, W) in [0, 1],
+    its longer side brought down to at most max_side. Reads images beyond Pillow's decompression-bomb
+    limit and what a truncated file holds (`_lenient_pil`); a large JPEG is decoded at the smallest
+    1/2..1/8 scale still above the target (draft mode). CMYK, greyscale and palette images become RGB,
+    16-bit greyscale is scaled to 8 bits, and transparency is composited over white (our choice: a
+    transparent area shows as blank canvas, not as whatever colour is stored under it)."""
+    with _lenient_pil():
+        img = _open_lazy(path)
+        w, h = img.size
+        scale = min(1.0, max_side / max(w, h))
+        target = (max(1, round(w * scale)), max(1, round(h * scale)))
+        img.draft(None, target)
+        img = _loaded(img, path)
+    if img.mode.startswith("I"):                                     # 16-bit (I;16*) or 32-bit (I) greyscale
+        img = Image.fromarray(np.clip(np.asarray(img) / 257, 0, 255).round().astype(np.uint8))
+    if img.mode.endswith(("A", "a")) or "transparency" in img.info:
+        img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
+    try:
+        img = img.convert("RGB")
+    except (ValueError, OSError) as e:                               # a mode Pillow cannot convert (LAB, ...)
+        raise BadInput(f"{path}: cannot convert image mode {img.mode} to RGB ({_one_line(e)})") from e
+    if img.size != target:
+        img = img.resize(target, Image.BILINEAR, reducing_gap=2.0)
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float().div_(255)
+
+
+# MATLAB v5 MAT-files (GTA5's split.mat): data types of the data elements, classes of the arrays
+MAT_TYPES = {1: "i1", 2: "u1", 3: "i2", 4: "u2", 5: "i4", 6: "u4", 7: "f4", 9: "f8", 12: "i8", 13: "u8"}
+MAT_CLASSES = {6: np.float64, 7: np.float32, 8: np.int8, 9: np.uint8, 10: np.int16, 11: np.uint16,
+               12: np.int32, 13: np.uint32, 14: np.int64, 15: np.uint64}
+MI_MATRIX, MI_COMPRESSED = 14, 15
+
+
+def read_mat(path):
+    """The numeric arrays of a MATLAB v5 MAT-file (what `save` writes up to -v7; GTA5's split.mat)
+    -> {name: ndarray in MATLAB's shape, of the array's class}. Reads the uncompressed and the
+    zlib-compressed (miCOMPRESSED) elements, whatever type the values are stored in (MATLAB stores
+    integer-valued doubles as miUINT8/miUINT16/...); skips cell, struct, char, sparse and complex arrays."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFile(f"{path}: no such file")
+    raw = path.read_bytes()
+    order = {b"IM": "<", b"MI": ">"}.get(raw[126:128])
+    if raw.startswith(b"MATLAB 7.3"):
+        raise BadInput(f"{path}: a MATLAB 7.3 (HDF5) MAT-file; save it with -v7, or list the images in a text file")
+    if len(raw) < 128 or order is None:
+        raise BadInput(f"{path}: not a MATLAB 5 MAT-file (no 'MATLAB 5.0 MAT-file' header)")
+    arrays = {}
+    try:
+        _mat_elements(raw[128:], order, arrays)
+    except (struct.error, zlib.error, ValueError, KeyError) as e:
+        raise BadInput(f"{path}: corrupt MAT-file ({_one_line(e)})") from e
+    return arrays
+
+
+def _mat_element(buf, pos, order):
+    """(data type, data bytes, position of the next element) of the element at `pos`: a tag of 8 bytes
+    then data padded to 8 bytes, or a small element (type and size in 4 bytes, up to 4 data bytes)."""
+    word, nbytes = struct.unpack_from(order + "II", buf, pos)
+    if word >> 16:
+        return word & 0xFFFF, buf[pos + 4: pos + 4 + (word >> 16)], pos + 8
+    end = pos + 8 + nbytes
+    if end > len(buf):
+        raise ValueError(f"element of {nbytes} bytes at {pos} runs past the end")
+    return word, buf[pos + 8: end], end if word == MI_COMPRESSED else pos + 8 + (nbytes + 7) // 8 * 8
+
+
+def _mat_elements(buf, order, arrays):
+    pos = 0
+    while pos + 8 <= len(buf):
+        kind, body, pos = _mat_element(buf, pos, order)
+        if kind == MI_COMPRESSED:
+            _mat_elements(zlib.decompress(body), order, arrays)
+        elif kind == MI_MATRIX:
+            _mat_matrix(body, order, arrays)
+
+
+def _mat_matrix(body, order, arrays):
+    """One miMATRIX element: array flags, dimensions, name, real part (column-major)."""
+    _, flags, pos = _mat_element(body, 0, order)
+    _, dims, pos = _mat_element(body, pos, order)
+    _, name, pos = _mat_element(body, pos, order)
+    flags = struct.unpack_from(order + "I", flags)[0]
+    cls, is_complex = flags & 0xFF, flags & 0x800
+    if cls not in MAT_CLASSES or is_complex:
+        return
+    kind, real, _ = _mat_element(body, pos, order)
+    shape = tuple(np.frombuffer(dims, order + "i4"))
+    values = np.frombuffer(real, order + MAT_TYPES[kind]).astype(MAT_CLASSES[cls])
+    arrays[name.decode("ascii")] = values.reshape(shape, order="F")
 
 
 def write_image(path, image, compress_level=1):
@@ -228,7 +373,7 @@ def write_label(path, labels):
     """Write an integer map (H, W) >= 0 as a PNG: 8-bit when all values < 256, else 16-bit."""
     labels = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
     if labels.min() < 0 or labels.max() > 65535:
-        raise ValueError(f"cannot write {path}: label values must be in 0..65535, got {labels.min()}..{labels.max()}")
+        raise BadInput(f"{path}: cannot write labels: values must be in 0..65535, got {labels.min()}..{labels.max()}")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     if labels.max() < 256:
         Image.fromarray(labels.astype(np.uint8)).save(path, compress_level=1)
@@ -257,7 +402,9 @@ IMAGE_KEYS = ("image",)
 LABEL_PAD = {"labels": IGNORE_INDEX, "label_ids": 0, "instance": 0, "anomaly": 255}
 
 
-def _resize_sample(sample, size):
+def _resize_sample(sample, size, labels=True):
+    """Resize the images of a sample to size=(H, W) (bilinear, antialiased) and, unless labels=False,
+    its label-like maps (nearest); each map independently of the size it has."""
     out = dict(sample)
     for key, value in sample.items():
         if not isinstance(value, torch.Tensor) or tuple(value.shape[-2:]) == tuple(size):
@@ -265,7 +412,7 @@ def _resize_sample(sample, size):
         if key in IMAGE_KEYS:
             out[key] = F.interpolate(value[None], size=size, mode="bilinear", align_corners=False,
                                      antialias=True)[0].clamp_(0, 1)
-        elif key in LABEL_PAD:
+        elif key in LABEL_PAD and labels:
             out[key] = F.interpolate(value[None, None].float(), size=size, mode="nearest-exact")[0, 0].to(value.dtype)
     return out
 
@@ -337,11 +484,12 @@ class Compose:
 # 4. Dataset readers
 # --------------------------------------------------------------------------------------------
 
-def _require(path, dataset, layout, published):
-    """Raise one clear error when a path of a dataset's layout is missing."""
+def _require(path, dataset, layout, published=None):
+    """Raise one clear MissingFile when a path of a dataset's layout is missing: the path, the
+    layout expected and where the dataset is published (written to read well on one line too)."""
     if not Path(path).exists():
-        raise FileNotFoundError(f"{dataset}: missing {path}\n  expected layout:\n    {layout}\n"
-                                f"  the dataset is published at {published}")
+        where = f";\n  the dataset is published at {published}" if published else ""
+        raise MissingFile(f"{dataset}: missing {path};\n  expected layout: {layout}{where}")
 
 
 def _files(folder, pattern):
@@ -360,15 +508,78 @@ def _table(pairs, fill=-1):
 CITYSCAPES_IDS = _table((l.id, l.id) for l in LABELS if l.id >= 0)
 
 
+def _valid_values(raw, id_table, path, dataset):
+    """Raw label values (H, W) (an integer array or tensor) as uint8, after checking that each is in
+    the table (in 0..255 with id_table >= 0); else BadInput naming the file and the values."""
+    raw, id_table = np.asarray(raw), np.asarray(id_table)
+    if raw.dtype == np.uint8 or (raw.min() >= 0 and raw.max() <= 255):
+        raw = raw.astype(np.uint8, copy=False)
+        if not (id_table < 0)[raw].any():
+            return raw
+    bad = (raw < 0) | (raw > 255) | (id_table[np.clip(raw, 0, 255)] < 0)
+    raise BadInput(f"{path}: label values outside the {dataset} label table: {np.unique(raw[bad])[:20].tolist()}")
+
+
 def encode_labels(raw, id_table, train_table, path, dataset="Cityscapes"):
-    """Raw label values (H, W) -> (label ids, trainIds) by the lookup tables; a value outside the
-    table (id_table < 0) raises an error naming the file and the values."""
-    lo, hi = torch.aminmax(raw)
-    if lo < 0 or hi > 255 or torch.bincount(raw.flatten(), minlength=256)[id_table < 0].any():
-        bad = (raw < 0) | (raw > 255) | (id_table[raw.clamp(0, 255)] < 0)
-        values = torch.unique(raw[bad])[:20].tolist()
-        raise ValueError(f"label file {path} contains values outside the {dataset} label table: {values}")
-    return id_table.take(raw), train_table.take(raw)
+    """Raw label values (H, W) (an integer array or tensor) -> (label ids, trainIds) int64 tensors by
+    the (256,) lookup tables; a value outside the table (not in 0..255, or id_table < 0) raises
+    BadInput naming the file and the values."""
+    raw = _valid_values(raw, id_table, path, dataset)
+    return torch.from_numpy(np.asarray(id_table)[raw]), torch.from_numpy(np.asarray(train_table)[raw])
+
+
+def _size_mismatch(s, image_shape, label_shape):
+    (h, w), (lh, lw) = image_shape, label_shape
+    return f"{s['image']}: size mismatch image {h}x{w} vs label {lh}x{lw} ({s['label']})"
+
+
+def _verified_shape(path):
+    """(H, W) of an image file, checked the cheapest way that still finds truncated and corrupted
+    files: a PNG's chunks against their CRCs (Pillow's verify, without inflating the pixels), a JPEG
+    decoded at 1/8 scale (draft mode: every byte is still read and entropy-decoded), others decoded."""
+    img = _open_lazy(path)
+    w, h = img.size
+    try:
+        if img.format == "PNG":
+            img.verify()
+        else:
+            img.draft(None, (max(1, w // 8), max(1, h // 8)))
+            img.load()
+    except PIL_ERRORS as e:
+        raise BadInput(f"{path}: cannot read image ({_one_line(e)})") from e
+    return h, w
+
+
+def _names_in(listing):
+    """Image names listed in a text file, one per line (folders and extension ignored)."""
+    return {Path(line.strip()).stem for line in Path(listing).read_text().splitlines() if line.strip()}
+
+
+def _keep_listed(samples, names, source, dataset):
+    """The samples whose name (or image file stem) is in `names`; warns about listed names that
+    are not in the dataset (e.g. pairs removed by hand) and raises if none is."""
+    kept = [s for s in samples if s["name"] in names or Path(s["image"]).stem in names]
+    if not kept:
+        raise BadInput(f"{dataset}: none of the {len(names)} images listed in {source} is in the dataset "
+                       f"(e.g. {sorted(names)[:3]} vs {[s['name'] for s in samples[:3]]})")
+    found = {s["name"] for s in kept} | {Path(s["image"]).stem for s in kept}
+    missing = len(names - found)
+    if missing:
+        warnings.warn(f"{dataset}: {missing} of the {len(names)} images listed in {source} are not in the "
+                      f"dataset; reading the {len(kept)} found", stacklevel=3)
+    return kept
+
+
+def _split_list(root, split, dataset, published, looked=(), note=""):
+    """(names, source) of root/<split>.txt (one image name per line); MissingFile naming every place
+    looked at (`looked`: those the caller tried first) when there is no such file."""
+    listing = Path(root) / f"{split}.txt"
+    if listing.is_file():
+        return _names_in(listing), str(listing)
+    places = " and ".join([*looked, str(listing)])
+    raise MissingFile(f"{dataset}: no split {split!r}{note}: looked for {places};\n  split 'all' reads every "
+                      "image; a split file (split_file=, --split-file) reads the images it lists, one name per line;\n"
+                      f"  the dataset is published at {published}")
 
 
 class SegmentationFiles(torch.utils.data.Dataset):
@@ -378,19 +589,43 @@ class SegmentationFiles(torch.utils.data.Dataset):
     A reader's label encoding is two (256,) lookup tables from the raw PNG value: `id_table` to
     the generator's label ids (-1 marks a value that may not occur) and `train_table` to the
     segmenter's trainIds (255 = ignore). `num_ids` is the one-hot width of label ids, `num_classes`
-    the number of trainIds."""
+    the number of trainIds.
+
+    Options of every reader:
+    - size: (H, W) resizes the image (bilinear) and the label maps (nearest); an int is the shorter
+      side of a resize that keeps the aspect ratio (`keep_aspect` readers, Mapillary, always keep it).
+    - full_labels: `size` resizes the image only; the label maps ("labels", "label_ids", "anomaly",
+      "instance") keep the file's resolution (evaluation upsamples the logits to them).
+    - skip_bad: a sample that cannot be read (unreadable or truncated file, label values outside
+      the table, image/label size mismatch with no size set) is returned as
+      {"name": str, "bad": "<file>: <problem>"} instead of raising (the trainers drop and log it).
+    - split_file: keep only the samples listed in this text file (one image name per line).
+    With a size set, an image/label size mismatch (GTA5 has such pairs) is repaired with or without
+    skip_bad: both are resized independently to the size and the sample carries
+    "repaired": "<file>: size mismatch image HxW vs label hxw (<label>), resized independently"."""
 
     num_ids, num_classes, class_names = NUM_IDS, NUM_CLASSES, CLASS_NAMES
     id_table, train_table = CITYSCAPES_IDS, ID_TO_TRAINID
+    keep_aspect = False
 
-    def __init__(self, samples, size=None, transform=None):
+    def __init__(self, samples, size=None, transform=None, skip_bad=False, full_labels=False, split_file=None):
+        if size is not None and not (isinstance(size, int) and size > 0
+                                     or len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+            raise BadInput(f"{type(self).__name__}: size must be (H, W) or a shorter side, positive ints; got {size!r}")
+        if split_file is not None:
+            if not Path(split_file).is_file():
+                raise MissingFile(f"{type(self).__name__}: split file {split_file} not found "
+                                  "(a text file of image names, one per line)")
+            samples = _keep_listed(samples, _names_in(split_file), split_file, type(self).__name__)
         self.samples, self.size, self.transform = samples, size, transform
+        self.skip_bad, self.full_labels = skip_bad, full_labels
 
     def __len__(self):
         return len(self.samples)
 
     def read_raw_label(self, path):
-        return read_label(path)
+        """The label file's values, numpy (H, W)."""
+        return _label_array(path)
 
     def encode(self, raw, path):
         return encode_labels(raw, self.id_table, self.train_table, path, type(self).__name__)
@@ -401,24 +636,60 @@ class SegmentationFiles(torch.utils.data.Dataset):
         if "instance" in s:
             out["instance"] = read_label(s["instance"])
         if "anomaly" in s:
-            out["anomaly"] = read_label(s["anomaly"]).to(torch.uint8)
+            out["anomaly"] = torch.from_numpy(_label_array(s["anomaly"]).astype(np.uint8))
         return out
 
-    def __getitem__(self, index):
-        s = self.samples[index]
+    def output_size(self, shape):
+        """The (H, W) that `size` gives an image of shape (h, w)."""
+        if not (isinstance(self.size, int) or self.keep_aspect):
+            return tuple(self.size)
+        short = self.size if isinstance(self.size, int) else min(self.size)
+        h, w = shape
+        if h <= w:
+            return short, max(1, round(w * short / h))
+        return max(1, round(h * short / w)), short
+
+    def read(self, s):
+        """The sample of the files `s` (one entry of `samples`), resized; raises on bad data."""
         image = read_image(s["image"])
         raw = self.read_raw_label(s["label"])
-        if raw.shape[-2:] != image.shape[-2:]:
-            raise ValueError(f"size mismatch: image {s['image']} is {tuple(image.shape[-2:])} (H, W) but label "
-                             f"{s['label']} is {tuple(raw.shape[-2:])}")
         label_ids, labels = self.encode(raw, s["label"])
         sample = {"image": image, "label_ids": label_ids, "labels": labels, "name": s["name"]}
         sample.update(self.extra(s, raw))
+        if raw.shape[-2:] != image.shape[-2:]:
+            problem = _size_mismatch(s, image.shape[-2:], raw.shape[-2:])
+            if self.size is None:
+                raise BadInput(problem)
+            sample["repaired"] = f"{problem}, resized independently"
         if self.size is not None:
-            sample = _resize_sample(sample, tuple(self.size))
-        if self.transform is not None:
-            sample = self.transform(sample)
+            sample = _resize_sample(sample, self.output_size(image.shape[-2:]), labels=not self.full_labels)
         return sample
+
+    def __getitem__(self, index):
+        s = self.samples[index]
+        try:
+            sample = self.read(s)
+        except UserError as e:
+            if not self.skip_bad:
+                raise
+            return {"name": s["name"], "bad": _one_line(e)}
+        return self.transform(sample) if self.transform is not None else sample
+
+    def check(self, index):
+        """The problems of sample `index`, each "<file>: <problem>" (see `check_split`)."""
+        s, problems, shape = self.samples[index], [], None
+        try:
+            shape = _verified_shape(s["image"])
+        except UserError as e:
+            problems.append(_one_line(e))
+        try:
+            raw = _valid_values(self.read_raw_label(s["label"]), self.id_table, s["label"], type(self).__name__)
+            self.extra(s, raw)
+            if shape is not None and tuple(raw.shape[-2:]) != shape:
+                problems.append(_size_mismatch(s, shape, raw.shape[-2:]))
+        except UserError as e:
+            problems.append(_one_line(e))
+        return problems
 
 
 def _pairs(dataset, images_dir, labels_dir, image_pattern, label_path, layout, published):
@@ -432,19 +703,9 @@ def _pairs(dataset, images_dir, labels_dir, image_pattern, label_path, layout, p
         _require(label, dataset, layout, published)
         samples.append({"image": img, "label": label, "name": img.stem})
     if not samples:
-        raise FileNotFoundError(f"{dataset}: no {image_pattern} files under {images_dir}\n  expected layout:\n    "
-                                f"{layout}\n  the dataset is published at {published}")
+        raise MissingFile(f"{dataset}: no {image_pattern} files under {images_dir};\n  expected layout: {layout};\n"
+                          f"  the dataset is published at {published}")
     return samples
-
-
-def _split_list(samples, root, split, dataset):
-    """Keep the samples named in root/<split>.txt (one image file name per line) unless split == "all"."""
-    if split == "all":
-        return samples
-    listing = Path(root) / f"{split}.txt"
-    _require(listing, dataset, f"root/{split}.txt: one image file name per line (or split='all')", "your own split")
-    keep = {Path(line.strip()).stem for line in listing.read_text().splitlines() if line.strip()}
-    return [s for s in samples if s["name"] in keep]
 
 
 CITYSCAPES_URL = "https://www.cityscapes-dataset.com/downloads/ (leftImg8bit_trainvaltest.zip, gtFine_trainvaltest.zip)"
@@ -458,10 +719,11 @@ class Cityscapes(SegmentationFiles):
     root/gtFine/<split>/<city>/<stem>_gtFine_instanceIds.png (16-bit: id * 1000 + k for instances)
     root/gtFine/<split>/<city>/<stem>_gtFine_anomaly.png     (ToyCity's outlier domain only)"""
 
-    LAYOUT = ("root/leftImg8bit/<split>/<city>/<stem>_leftImg8bit.png\n"
+    LAYOUT = ("root/leftImg8bit/<split>/<city>/<stem>_leftImg8bit.png,\n"
               "    root/gtFine/<split>/<city>/<stem>_gtFine_labelIds.png (+ _instanceIds.png)")
 
-    def __init__(self, root, split="train", size=None, transform=None):
+    def __init__(self, root, split="train", size=None, transform=None, skip_bad=False, full_labels=False,
+                 split_file=None):
         root = Path(root)
         images_dir, labels_dir = root / "leftImg8bit" / split, root / "gtFine" / split
 
@@ -475,22 +737,36 @@ class Cityscapes(SegmentationFiles):
                 path = Path(str(s["label"]).replace("_labelIds.png", f"_{suffix}.png"))
                 if path.exists():
                     s[key] = path
-        super().__init__(samples, size, transform)
+        super().__init__(samples, size, transform, skip_bad, full_labels, split_file)
 
 
 class GTA5(SegmentationFiles):
-    """GTA5 (Richter et al., 2016): root/images/00001.png, root/labels/00001.png (palette PNGs of
-    Cityscapes label ids). split="all" reads every image (as in domain generalisation from GTA5);
-    another split reads the names listed in root/<split>.txt."""
+    """GTA5 (Richter et al., 2016) as the download unpacks: root/images/00001.png, root/labels/00001.png
+    (palette PNGs of Cityscapes label ids). split="all" (the default) reads every image, as domain
+    generalisation from GTA5 trains on; "train" / "val" / "test" read the official split,
+    root/split.mat (trainIds / valIds / testIds, image numbers), else the names listed in
+    root/<split>.txt. A few pairs differ in size (e.g. 15188, 20803-20834, 20858-20860): see
+    SegmentationFiles for how a size set repairs them."""
 
     LAYOUT = "root/images/<n>.png, root/labels/<n>.png (Cityscapes label ids)"
     URL = "https://download.visinf.tu-darmstadt.de/data/from_games/"
 
-    def __init__(self, root, split="all", size=None, transform=None):
+    def __init__(self, root, split="all", size=None, transform=None, skip_bad=False, full_labels=False,
+                 split_file=None):
         root = Path(root)
         samples = _pairs("GTA5", root / "images", root / "labels", "*.png", lambda p: root / "labels" / p.name,
                          self.LAYOUT, self.URL)
-        super().__init__(_split_list(samples, root, split, "GTA5"), size, transform)
+        if split != "all":
+            samples = _keep_listed(samples, *self.split_names(root, split), "GTA5")
+        super().__init__(samples, size, transform, skip_bad, full_labels, split_file)
+
+    def split_names(self, root, split):
+        """(names, source) of the official split in root/split.mat, else of root/<split>.txt."""
+        mat, key = root / "split.mat", f"{split}Ids"
+        arrays = read_mat(mat) if mat.is_file() else {}
+        if key in arrays:
+            return {f"{int(i):05d}" for i in arrays[key].ravel()}, f"{mat} ({key})"
+        return _split_list(root, split, "GTA5", self.URL, looked=[f"{mat} ({key})"])
 
 
 # SYNTHIA class -> Cityscapes trainId (SYNTHIA-RAND-CITYSCAPES README; as in AdaptSegNet/ADVENT).
@@ -502,21 +778,26 @@ SYNTHIA_TO_TRAINID = {1: 10, 2: 2, 3: 0, 4: 1, 5: 4, 6: 8, 7: 5, 8: 13, 9: 7, 10
 class Synthia(SegmentationFiles):
     """SYNTHIA-RAND-CITYSCAPES (Ros et al., 2016): root/RGB/<n>.png, root/GT/LABELS/<n>.png. Labels are
     16-bit 3-channel PNGs with the class in the first channel (instance in the second); classes map
-    to Cityscapes by SYNTHIA_TO_TRAINID (others: ignore). split as for GTA5."""
+    to Cityscapes by SYNTHIA_TO_TRAINID (others: ignore). SYNTHIA has no official split:
+    split="all" (the default) reads every image, another split the names in root/<split>.txt."""
 
     LAYOUT = "root/RGB/<n>.png, root/GT/LABELS/<n>.png (16-bit, class in channel 0)"
     URL = "https://synthia-dataset.net/downloads/ (SYNTHIA-RAND-CITYSCAPES)"
     train_table = _table(((k, v) for k, v in SYNTHIA_TO_TRAINID.items()), IGNORE_INDEX)
     id_table = _table([(k, 0) for k in range(23)] + [(k, int(TRAINID_TO_ID[v])) for k, v in SYNTHIA_TO_TRAINID.items()])
 
-    def __init__(self, root, split="all", size=None, transform=None):
+    def __init__(self, root, split="all", size=None, transform=None, skip_bad=False, full_labels=False,
+                 split_file=None):
         root = Path(root)
         labels = root / "GT" / "LABELS"
         samples = _pairs("SYNTHIA", root / "RGB", labels, "*.png", lambda p: labels / p.name, self.LAYOUT, self.URL)
-        super().__init__(_split_list(samples, root, split, "SYNTHIA"), size, transform)
+        if split != "all":
+            names = _split_list(root, split, "SYNTHIA", self.URL, note=" (SYNTHIA has no official split)")
+            samples = _keep_listed(samples, *names, "SYNTHIA")
+        super().__init__(samples, size, transform, skip_bad, full_labels, split_file)
 
     def read_raw_label(self, path):
-        return read_png16_rgb(path)[0]
+        return read_png16_rgb(path)[0].numpy()
 
 
 # Mapillary Vistas v1.2 class -> Cityscapes trainId, the mapping used by domain-generalisation
@@ -528,19 +809,23 @@ MAPILLARY_TO_TRAINID = {13: 0, 24: 0, 41: 0, 2: 1, 15: 1, 17: 2, 6: 3, 3: 4, 45:
 
 class Mapillary(SegmentationFiles):
     """Mapillary Vistas v1.2 (Neuhold et al., 2017): root/{training,validation}/images/<n>.jpg and
-    .../labels/<n>.png (palette PNGs of the 66 class ids), mapped to the 19 Cityscapes classes."""
+    .../labels/<n>.png (palette PNGs of the 66 class ids), mapped to the 19 Cityscapes classes.
+    Images vary in size and aspect ratio, so a resize keeps each one's aspect ratio (our rule): the
+    shorter side becomes `size` (an int) or min(size) (a pair (H, W): 512 for (512, 1024))."""
 
     LAYOUT = "root/{training,validation}/images/<n>.jpg, root/{training,validation}/labels/<n>.png (v1.2)"
     URL = "https://www.mapillary.com/dataset/vistas"
     SPLITS = {"train": "training", "val": "validation", "training": "training", "validation": "validation"}
     train_table = _table(((k, v) for k, v in MAPILLARY_TO_TRAINID.items()), IGNORE_INDEX)
     id_table = _table([(k, 0) for k in range(66)] + [(k, int(TRAINID_TO_ID[v])) for k, v in MAPILLARY_TO_TRAINID.items()])
+    keep_aspect = True
 
-    def __init__(self, root, split="val", size=None, transform=None):
+    def __init__(self, root, split="val", size=None, transform=None, skip_bad=False, full_labels=False,
+                 split_file=None):
         base = Path(root) / self.SPLITS.get(split, split)
         samples = _pairs("Mapillary Vistas", base / "images", base / "labels", "*.jpg",
                          lambda p: base / "labels" / f"{p.stem}.png", self.LAYOUT, self.URL)
-        super().__init__(samples, size, transform)
+        super().__init__(samples, size, transform, skip_bad, full_labels, split_file)
 
 
 class ADE20K(SegmentationFiles):
@@ -556,12 +841,13 @@ class ADE20K(SegmentationFiles):
     id_table = _table((k, k) for k in range(151))
     train_table = _table([(0, IGNORE_INDEX)] + [(k, k - 1) for k in range(1, 151)], IGNORE_INDEX)
 
-    def __init__(self, root, split="train", size=None, transform=None):
+    def __init__(self, root, split="train", size=None, transform=None, skip_bad=False, full_labels=False,
+                 split_file=None):
         root, sub = Path(root), self.SPLITS.get(split, split)
         labels = root / "annotations" / sub
         samples = _pairs("ADE20K", root / "images" / sub, labels, "*.jpg", lambda p: labels / f"{p.stem}.png",
                          self.LAYOUT, self.URL)
-        super().__init__(samples, size, transform)
+        super().__init__(samples, size, transform, skip_bad, full_labels, split_file)
 
 
 class CocoStuff(SegmentationFiles):
@@ -576,12 +862,13 @@ class CocoStuff(SegmentationFiles):
     id_table = _table([(k, k) for k in range(182)] + [(255, 182)])
     train_table = _table([(k, k) for k in range(182)], IGNORE_INDEX)
 
-    def __init__(self, root, split="train", size=None, transform=None):
+    def __init__(self, root, split="train", size=None, transform=None, skip_bad=False, full_labels=False,
+                 split_file=None):
         root, sub = Path(root), self.SPLITS.get(split, split)
         labels = root / "stuffthingmaps" / sub
         samples = _pairs("COCO-Stuff", root / "images" / sub, labels, "*.jpg", lambda p: labels / f"{p.stem}.png",
                          self.LAYOUT, self.URL)
-        super().__init__(samples, size, transform)
+        super().__init__(samples, size, transform, skip_bad, full_labels, split_file)
 
 
 class BDD100K(SegmentationFiles):
@@ -593,12 +880,13 @@ class BDD100K(SegmentationFiles):
     id_table = _table([(t, int(TRAINID_TO_ID[t])) for t in range(19)] + [(255, 0)])
     train_table = _table([(t, t) for t in range(19)], IGNORE_INDEX)
 
-    def __init__(self, root, split="train", size=None, transform=None):
+    def __init__(self, root, split="train", size=None, transform=None, skip_bad=False, full_labels=False,
+                 split_file=None):
         root = Path(root)
         labels = root / "labels" / "sem_seg" / "masks" / split
         samples = _pairs("BDD100K", root / "images" / "10k" / split, labels, "*.jpg",
                          lambda p: labels / f"{p.stem}.png", self.LAYOUT, self.URL)
-        super().__init__(samples, size, transform)
+        super().__init__(samples, size, transform, skip_bad, full_labels, split_file)
 
 
 # StreetHazards PNG value -> Cityscapes label id. Values are the classes + 1 (the official loader
@@ -622,43 +910,69 @@ class StreetHazards(SegmentationFiles):
     id_table = _table(STREETHAZARDS_TO_ID.items())
     train_table = ID_TO_TRAINID[id_table.clamp(0)]
 
-    def __init__(self, root, split="test", size=None, transform=None):
+    def __init__(self, root, split="test", size=None, transform=None, skip_bad=False, full_labels=False,
+                 split_file=None):
+        if split not in self.SPLITS:
+            raise BadInput(f"StreetHazards: split must be one of {sorted(self.SPLITS)}, got {split!r}")
         part, sub = self.SPLITS[split]
         base = Path(root) / part
         images, labels = base / "images" / sub, base / "annotations" / sub
         samples = _pairs("StreetHazards", images, labels, "*.png", lambda p: labels / p.relative_to(images),
                          self.LAYOUT, self.URL)
-        super().__init__(samples, size, transform)
+        super().__init__(samples, size, transform, skip_bad, full_labels, split_file)
 
     def extra(self, s, raw):
-        anomaly = torch.full(raw.shape, 255, dtype=torch.uint8)
-        anomaly[self.train_table[raw] != IGNORE_INDEX] = 0
+        anomaly = np.full(raw.shape, 255, np.uint8)
+        anomaly[self.train_table.numpy()[raw] != IGNORE_INDEX] = 0
         anomaly[raw == STREETHAZARDS_ANOMALY] = 1
-        return {"anomaly": anomaly}
-
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+        return {"anomaly": torch.from_numpy(anomaly)}
 
 
 class StyleFolder(torch.utils.data.Dataset):
     """Every image under root, recursively (Painter by Numbers, ImageNet, ToyCity paintings, ...):
-    {"image": (3, H, W) in [0, 1], "name": path relative to root}; size=(H, W) resizes."""
+    {"image": (3, H, W) in [0, 1], "name": path relative to root}; size=(H, W) resizes.
+    Painter by Numbers as downloaded: files that are not images (by extension) are ignored; huge,
+    truncated, CMYK, greyscale, 16-bit, palette and transparent paintings are read by
+    `read_style_image` (the longer side brought down to max_side, raised to max(size) if larger);
+    a file that still cannot be read is skipped with one warning naming it, the next readable file
+    taking its place."""
 
-    def __init__(self, root, size=None):
+    def __init__(self, root, size=None, max_side=STYLE_MAX_SIDE):
         root = Path(root)
         _require(root, "style images", "root/**/<n>.{jpg,png,...}",
                  "https://www.kaggle.com/c/painter-by-numbers (train.zip), or any image folder")
         self.root, self.size = root, size
+        self.max_side = max(max_side, *size) if size is not None else max_side
         self.files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        self.unreadable = set()
         if not self.files:
-            raise FileNotFoundError(f"style images: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
+            raise MissingFile(f"style images: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, index):
-        sample = {"image": read_image(self.files[index]), "name": str(self.files[index].relative_to(self.root))}
-        return _resize_sample(sample, tuple(self.size)) if self.size is not None else sample
+        for k in range(len(self.files)):
+            path = self.files[(index + k) % len(self.files)]
+            if path in self.unreadable:
+                continue
+            try:
+                image = read_style_image(path, self.max_side)
+            except UserError as e:
+                self.unreadable.add(path)
+                warnings.warn(f"style images: skipping {_one_line(e)}", stacklevel=2)
+                continue
+            sample = {"image": image, "name": str(path.relative_to(self.root))}
+            return _resize_sample(sample, tuple(self.size)) if self.size is not None else sample
+        raise BadInput(f"style images: none of the {len(self.files)} image files under {self.root} can be read")
+
+    def check(self, index):
+        """The problem of image `index` as a one-item list ([] if readable; see `check_split`)."""
+        try:
+            read_style_image(self.files[index], self.max_side)
+        except UserError as e:
+            return [_one_line(e)]
+        return []
 
 
 class LabelFolder(torch.utils.data.Dataset):
@@ -667,12 +981,12 @@ class LabelFolder(torch.utils.data.Dataset):
 
     def __init__(self, root, size=None):
         root = Path(root)
-        _require(root, "label folder", "root/**/<n>.png (Cityscapes label ids)", "your own label maps")
+        _require(root, "label folder", "root/**/<n>.png (Cityscapes label ids)")
         files = sorted(root.rglob("*.png"))
         ids_only = [p for p in files if p.name.endswith("_labelIds.png")]
         self.files, self.size = ids_only or files, size
         if not self.files:
-            raise FileNotFoundError(f"label folder: no .png label maps under {root}")
+            raise MissingFile(f"label folder: no .png label maps under {root}")
 
     def __len__(self):
         return len(self.files)
@@ -682,6 +996,30 @@ class LabelFolder(torch.utils.data.Dataset):
         ids, labels = encode_labels(read_label(path), CITYSCAPES_IDS, ID_TO_TRAINID, path)
         sample = {"label_ids": ids, "labels": labels, "name": path.name[: -len(".png")].replace("_gtFine_labelIds", "")}
         return _resize_sample(sample, tuple(self.size)) if self.size is not None else sample
+
+
+# `python data.py check --dataset NAME`: name -> reader
+READERS = {"cityscapes": Cityscapes, "gta5": GTA5, "synthia": Synthia, "mapillary": Mapillary, "ade20k": ADE20K,
+           "coco-stuff": CocoStuff, "bdd100k": BDD100K, "streethazards": StreetHazards, "style": StyleFolder}
+
+
+def check_split(dataset, threads=None, log=print):
+    """Pass over every sample of a reader (any SegmentationFiles reader, or a StyleFolder) and list its
+    problems, each "<file>: <problem>", in sample order: unreadable or truncated files, image/label
+    size mismatches, label values outside the dataset's table. Decodes no more than that needs:
+    label maps fully (their values are checked), images as `_verified_shape` says (PNG: CRCs only,
+    JPEG: at 1/8 scale); in `threads` threads (Pillow and zlib release the GIL). `log` (print; None: silent) gets every problem and a
+    summary line with the time per thousand images. The trainers' --check-data calls it."""
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool:
+        problems = [p for found in pool.map(dataset.check, range(len(dataset))) for p in found]
+    seconds = time.perf_counter() - start
+    if log is not None:
+        for p in problems:
+            log(p)
+        log(f"check {type(dataset).__name__}: {len(dataset)} samples, {len(problems)} problems, {seconds:.1f} s "
+            f"({1000 * seconds / max(len(dataset), 1):.1f} s per 1000 images)")
+    return problems
 
 
 # --------------------------------------------------------------------------------------------
@@ -961,11 +1299,11 @@ def corrupt(image, name, severity, seed=0):
     """Corrupt a float image (3, H, W) in [0, 1] (or a batch (N, 3, H, W), image i with seed + i)
     with corruption `name` at severity 1..5 (0 returns the image); deterministic given the seed."""
     if name not in CORRUPTION_FUNCTIONS:
-        raise ValueError(f"unknown corruption {name!r}; choose from {CORRUPTIONS}")
+        raise BadInput(f"unknown corruption {name!r}; choose from {CORRUPTIONS}")
     if severity == 0:
         return image.clone()
     if not 1 <= severity <= 5:
-        raise ValueError(f"severity must be 0..5, got {severity}")
+        raise BadInput(f"severity must be 0..5, got {severity}")
     if image.dim() == 4:
         return torch.stack([corrupt(im, name, severity, seed + i) for i, im in enumerate(image)])
     x = image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy().astype(np.float32)
@@ -1432,10 +1770,10 @@ def make_toycity(out, num_images, size=(256, 512), domain="source", seed=0, spli
     `look` ("source" or "target") picks the renderer; default: "source" for the source domain, else
     "target" (an outlier split in the source look isolates outliers from the domain shift)."""
     if domain not in DOMAINS:
-        raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
+        raise BadInput(f"domain must be one of {DOMAINS}, got {domain!r}")
     look = look or ("source" if domain == "source" else "target")
     if look not in ("source", "target"):
-        raise ValueError(f"look must be 'source' or 'target', got {look!r}")
+        raise BadInput(f"look must be 'source' or 'target', got {look!r}")
     out, city = Path(out), "toycity"
 
     def write_scene(i):
@@ -1559,8 +1897,25 @@ def main(argv=None):
     p.add_argument("--num-paintings", type=int, default=TOYCITY_COUNTS["paintings"], help="style images")
     p.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=DOMAINS, help="domains to write")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same dataset)")
+    p = sub.add_parser("check", help="list every unreadable file, size mismatch and out-of-range label id of a "
+                                     "split; exit status 1 if there is any")
+    p.add_argument("--dataset", required=True, choices=sorted(READERS), help="reader ('style': a style-image folder)")
+    p.add_argument("--root", required=True, help="dataset root, as the reader expects it")
+    p.add_argument("--split", default=None, help="split (default: the reader's, e.g. 'all' for GTA5 / SYNTHIA)")
+    p.add_argument("--split-file", default=None, help="check only the images listed here (one name per line)")
+    p.add_argument("--threads", type=int, default=None, help="reading threads (default: one per CPU)")
     args = parser.parse_args(argv)
-    if args.command == "toycity":
+    if args.command == "check":
+        reader = READERS[args.dataset]
+        options = {k: v for k, v in (("split", args.split), ("split_file", args.split_file)) if v is not None}
+        if reader is StyleFolder and options:
+            raise BadInput("a style folder has no split: drop --split / --split-file")
+        if check_split(reader(args.root, **options), threads=args.threads):
+            raise SystemExit(1)
+    elif args.command == "toycity":
+        if min(args.size) < 1 or min(args.num, args.num_val, args.num_paintings) < 0:
+            raise BadInput(f"toycity: --size must be positive and the counts >= 0, got --size {args.size} "
+                           f"--num {args.num} --num-val {args.num_val} --num-paintings {args.num_paintings}")
         out = Path(args.out)
         for domain in args.domains:
             for split, n in (("train", args.num), ("val", args.num_val)):

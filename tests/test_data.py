@@ -1,6 +1,9 @@
 """Tests of data.py: the label table, files, readers on fake trees, transforms, corruptions, ToyCity."""
+import io
+import re
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -198,9 +201,11 @@ def test_style_and_label_folders_are_recursive(tmp_path):
                                         (data.ADE20K, "ADEChallengeData2016"), (data.CocoStuff, "cocostuff"),
                                         (data.BDD100K, "bdd-data"), (data.StreetHazards, "anomaly-seg")])
 def test_missing_layout_names_the_path_and_where_to_get_it(tmp_path, reader, url):
-    with pytest.raises(FileNotFoundError) as e:
+    with pytest.raises(data.MissingFile) as e:
         reader(tmp_path / "nowhere")
-    assert "nowhere" in str(e.value) and url in str(e.value) and "expected layout" in str(e.value)
+    message = " ".join(str(e.value).split())              # as the command lines print it
+    assert re.fullmatch(rf"\w[\w -]*: missing {tmp_path / 'nowhere'}\S*; expected layout: .*; "
+                        rf"the dataset is published at \S*{url}.*", message), message
 
 
 def test_bad_labels_raise_errors_naming_the_files(tmp_path):
@@ -215,6 +220,269 @@ def test_bad_labels_raise_errors_naming_the_files(tmp_path):
     (city / "x_000000_000000_gtFine_labelIds.png").unlink()
     with pytest.raises(FileNotFoundError, match="x_000000_000000_gtFine_labelIds.png"):
         data.Cityscapes(tmp_path, "val")
+
+
+# ---------------------------------------------------------------- bad samples, check_split, style folders
+
+def png_bytes(arr):
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def bad_gta5(tmp_path):
+    """A GTA5 tree with one good pair and one bad pair of each kind."""
+    for n in range(1, 6):
+        fake_image(tmp_path / "images" / f"0000{n}.png")
+        fake_label(tmp_path / "labels" / f"0000{n}.png", [7, 26], mode="P")
+    image = (tmp_path / "images" / "00002.png").read_bytes()
+    (tmp_path / "images" / "00002.png").write_bytes(image[: len(image) // 2])                 # truncated image
+    (tmp_path / "labels" / "00003.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)        # unreadable label
+    fake_label(tmp_path / "labels" / "00004.png", [7, 40, 99], mode="P")                     # ids out of range
+    Image.fromarray(np.full((H + 2, W), 7, np.uint8)).save(tmp_path / "labels" / "00005.png")  # size mismatch
+    return tmp_path
+
+
+def test_strict_reader_raises_on_each_bad_pair_naming_the_file(bad_gta5):
+    ds = data.GTA5(bad_gta5)
+    assert ds[0]["labels"].shape == (H, W)
+    for index, pattern in ((1, r"images/00002.png: cannot read image \(image file is truncated"),
+                           (2, r"labels/00003.png: cannot read image"),
+                           (3, r"labels/00004.png: label values outside the GTA5 label table: \[40, 99\]"),
+                           (4, rf"images/00005.png: size mismatch image {H}x{W} vs label {H + 2}x{W} \(.*labels/00005.png\)")):
+        with pytest.raises(data.BadInput, match=pattern):
+            ds[index]
+
+
+def test_skip_bad_returns_bad_samples_as_name_and_problem(bad_gta5):
+    ds = data.GTA5(bad_gta5, skip_bad=True)
+    good = ds[0]
+    assert set(good) == {"image", "label_ids", "labels", "name"}
+    for index in range(1, 5):
+        s = ds[index]
+        assert set(s) == {"name", "bad"} and s["name"] == f"0000{index + 1}"
+        assert s["bad"].startswith(str(bad_gta5)) and f"0000{index + 1}.png: " in s["bad"] and "\n" not in s["bad"]
+
+
+@pytest.mark.parametrize("skip_bad", [False, True])
+def test_a_size_repairs_a_size_mismatch_by_resizing_image_and_label_independently(bad_gta5, skip_bad):
+    ds = data.GTA5(bad_gta5, size=(4, 4), skip_bad=skip_bad)
+    s = ds[4]
+    assert s["image"].shape == (3, 4, 4) and s["labels"].shape == s["label_ids"].shape == (4, 4)
+    assert (s["label_ids"] == 7).all()
+    assert s["repaired"] == (f"{bad_gta5 / 'images' / '00005.png'}: size mismatch image {H}x{W} vs label "
+                             f"{H + 2}x{W} ({bad_gta5 / 'labels' / '00005.png'}), resized independently")
+    assert "repaired" not in ds[0]
+    if skip_bad:
+        assert "bad" in ds[1]
+    else:
+        with pytest.raises(data.BadInput):
+            ds[1]
+
+
+def test_check_split_lists_every_bad_file_and_the_command_line_exits_1(bad_gta5, capsys):
+    problems = data.check_split(data.GTA5(bad_gta5), threads=2)
+    assert len(problems) == 4
+    assert [p.split(": ")[0] for p in problems] == [str(bad_gta5 / sub) for sub in (
+        "images/00002.png", "labels/00003.png", "labels/00004.png", "images/00005.png")]
+    assert "size mismatch" in problems[3] and "[40, 99]" in problems[2]
+    out = capsys.readouterr().out.splitlines()
+    assert out[:4] == problems and re.fullmatch(r"check GTA5: 5 samples, 4 problems, .* s per 1000 images\)", out[4])
+    with pytest.raises(SystemExit) as e:
+        data.cli(data.main, ["check", "--dataset", "gta5", "--root", str(bad_gta5)])
+    assert e.value.code == 1
+    for n in (2, 3, 4, 5):
+        (bad_gta5 / "images" / f"0000{n}.png").unlink()
+    data.cli(data.main, ["check", "--dataset", "gta5", "--root", str(bad_gta5)])   # clean: no exit
+    assert "1 samples, 0 problems" in capsys.readouterr().out
+
+
+def test_check_split_finds_a_truncated_jpeg(tmp_path):
+    base = tmp_path / "validation"
+    fake_image(base / "images" / "a.jpg")
+    fake_label(base / "labels" / "a.png", [13, 55], mode="P")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)).save(base / "images" / "b.jpg")
+    Image.fromarray(np.full((64, 96), 13, np.uint8)).save(base / "labels" / "b.png")
+    jpeg = base / "images" / "b.jpg"
+    jpeg.write_bytes(jpeg.read_bytes()[:-200])                        # the header whole, the scan cut short
+    problems = data.check_split(data.Mapillary(tmp_path, "val"), log=None)
+    assert len(problems) == 1 and problems[0].startswith(f"{jpeg}: cannot read image (image file is truncated")
+
+
+def test_command_lines_answer_a_missing_root_with_one_line_and_status_2(tmp_path, capsys):
+    for argv in (["check", "--dataset", "gta5", "--root", str(tmp_path / "nowhere")],
+                 ["check", "--dataset", "style", "--root", str(tmp_path / "nowhere")],
+                 ["toycity", "--out", str(tmp_path), "--size", "0", "64"]):
+        with pytest.raises(SystemExit) as e:
+            data.cli(data.main, argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert "size must be positive" in err
+    with pytest.raises(SystemExit):
+        data.cli(data.main, ["check", "--dataset", "gta5", "--root", str(tmp_path / "nowhere")])
+    assert capsys.readouterr().err == (
+        f"error: GTA5: missing {tmp_path / 'nowhere' / 'images'}; expected layout: root/images/<n>.png, "
+        "root/labels/<n>.png (Cityscapes label ids); the dataset is published at "
+        "https://download.visinf.tu-darmstadt.de/data/from_games/\n")
+
+
+def test_full_labels_resizes_the_image_only(tmp_path):
+    fake_image(tmp_path / "leftImg8bit" / "val" / "x" / "x_0_0_leftImg8bit.png")
+    ids = fake_label(tmp_path / "gtFine" / "val" / "x" / "x_0_0_gtFine_labelIds.png", [7, 26, 0])
+    fake_label(tmp_path / "gtFine" / "val" / "x" / "x_0_0_gtFine_instanceIds.png", [7, 26, 0])
+    s = data.Cityscapes(tmp_path, "val", size=(3, 4), full_labels=True)[0]
+    assert s["image"].shape == (3, 3, 4)
+    assert torch.equal(s["label_ids"], ids) and s["labels"].shape == s["instance"].shape == (H, W)
+    assert data.Cityscapes(tmp_path, "val", size=(3, 4))[0]["labels"].shape == (3, 4)
+    assert data.Cityscapes(tmp_path, "val", size=3)[0]["labels"].shape == (3, 4)   # int: shorter side, aspect kept
+    with pytest.raises(data.BadInput, match="size"):
+        data.Cityscapes(tmp_path, "val", size=(3, 0))
+
+
+def test_mapillary_keeps_each_images_aspect_ratio(tmp_path):
+    base = tmp_path / "validation"
+    fake_image(base / "images" / "wide.jpg")                                            # H x W = 6 x 8
+    fake_label(base / "labels" / "wide.png", [13, 55], mode="P")
+    Image.fromarray(np.zeros((10, 4, 3), np.uint8)).save(base / "images" / "tall.jpg")  # 10 x 4
+    Image.fromarray(np.full((10, 4), 13, np.uint8)).save(base / "labels" / "tall.png")
+    for size in (3, (3, 100)):                       # an int or the smaller of (H, W) is the shorter side
+        tall, wide = data.Mapillary(tmp_path, "val", size=size)
+        assert wide["image"].shape == (3, 3, 4) and wide["labels"].shape == (3, 4)
+        assert tall["image"].shape == (3, 8, 3) and tall["labels"].shape == (8, 3)
+    tall, _ = data.Mapillary(tmp_path, "val", size=2, full_labels=True)
+    assert tall["image"].shape == (3, 5, 2) and tall["labels"].shape == (10, 4)
+
+
+def odd_paintings(folder):
+    """A style folder as Painter by Numbers has it: one image of each odd kind, and non-images."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    folder.mkdir(parents=True)
+    Image.fromarray(rgb).save(folder / "big.png")                                      # beyond the pixel limit
+    Image.fromarray(rgb).convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray(rgb[..., 0]).save(folder / "grey.png")
+    Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(folder / "grey16.png")
+    rgba = np.dstack([rgb, np.full((40, 60), 255, np.uint8)])
+    rgba[:, :30, 3] = 0                                                                # left half transparent
+    Image.fromarray(rgba).save(folder / "rgba.png")
+    Image.fromarray(rgb).convert("P").save(folder / "palette.png")
+    Image.fromarray(rgb).save(folder / "wide.jpg")
+    Image.fromarray(np.tile(rgb, (4, 4, 1))).save(folder / "huge.jpg", quality=95)      # 160 x 240
+    full = (folder / "wide.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(full[: len(full) * 2 // 3])                   # loads partly
+    (folder / "unreadable.jpg").write_bytes(b"this is not a JPEG")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    return rgb
+
+
+def test_style_folder_reads_every_odd_painting_and_skips_the_unreadable(tmp_path, monkeypatch):
+    rgb = odd_paintings(tmp_path / "style")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)                    # big.png is 2400 px: a "bomb"
+    with pytest.raises(data.BadInput, match="big.png.*exceeds limit"):
+        data.read_image(tmp_path / "style" / "big.png")
+    ds = data.StyleFolder(tmp_path / "style", max_side=120)
+    names = [p.name for p in ds.files]
+    assert "notes.txt" not in names and ".DS_Store" not in names and len(ds) == 10
+    images = {}
+    with pytest.warns(UserWarning, match="skipping .*unreadable.jpg: cannot read image") as caught:
+        for i in range(len(ds)):
+            s = ds[i]
+            images.setdefault(Path(s["name"]).stem, s["image"])
+        ds[names.index("unreadable.jpg")]                                  # skipped again, warned once
+    assert sum("unreadable.jpg" in str(w.message) for w in caught) == 1
+    assert Image.MAX_IMAGE_PIXELS == 1000                                   # the limit is lifted while reading only
+    assert set(images) == {"big", "cmyk", "grey", "grey16", "rgba", "palette", "wide", "huge", "truncated"}
+    expected = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
+    assert torch.equal(images["big"], expected)
+    assert (images["cmyk"] - expected).abs().mean() < 0.05                # JPEG of noise: not exact
+    assert torch.equal(images["grey"], expected[:1].expand(3, -1, -1))
+    assert torch.equal(images["grey16"], images["grey"])                    # 16-bit scaled to 8 bits
+    assert (images["rgba"][:, :, :30] == 1).all() and torch.equal(images["rgba"][:, :, 30:], expected[:, :, 30:])
+    assert images["palette"].shape == (3, 40, 60)
+    assert images["huge"].shape == (3, 80, 120)                             # longer side down to max_side
+    assert images["truncated"].shape == (3, 40, 60)
+    assert data.check_split(ds, log=None) == [f"{tmp_path / 'style' / 'unreadable.jpg'}: cannot read image "
+                                              f"(cannot identify image file '{tmp_path / 'style' / 'unreadable.jpg'}')"]
+
+
+# ---------------------------------------------------------------- splits: split.mat, list files, split="all"
+
+def mat_v5(arrays, compress, order="<"):
+    """The bytes of a MATLAB v5 MAT-file as MATLAB's `save` writes them: for each name a column
+    vector (values, stored data type) of class double, or a str as a char array."""
+    def element(kind, body):
+        if 0 < len(body) <= 4:                                               # the small data element format
+            return struct.pack(order + "I", len(body) << 16 | kind) + body.ljust(4, b"\0")
+        return struct.pack(order + "II", kind, len(body)) + body + b"\0" * (-len(body) % 8)
+
+    header = b"MATLAB 5.0 MAT-file, written by the data.py tests".ljust(116) + b"\0" * 8
+    header += struct.pack(order + "H", 0x0100) + (b"IM" if order == "<" else b"MI")
+    out = header
+    for name, value in arrays.items():
+        if isinstance(value, str):                                           # mxCHAR_CLASS 4, miUINT16 4
+            cls, kind, body, n = 4, 4, np.array([ord(c) for c in value], order + "u2").tobytes(), len(value)
+        else:                                                                # mxDOUBLE_CLASS 6
+            values, kind = value
+            dtype = {9: "f8", 4: "u2", 2: "u1"}[kind]
+            cls, body, n = 6, np.array(values, order + dtype).tobytes(), len(values)
+        matrix = (element(6, struct.pack(order + "II", cls, 0)) + element(5, struct.pack(order + "ii", n, 1))
+                  + element(1, name.encode()) + element(kind, body))
+        data_element = struct.pack(order + "II", 14, len(matrix)) + matrix
+        if compress:
+            packed = zlib.compress(data_element)
+            data_element = struct.pack(order + "II", 15, len(packed)) + packed
+        out += data_element
+    return out
+
+
+@pytest.mark.parametrize("compress", [False, True])
+@pytest.mark.parametrize("order", ["<", ">"])
+def test_read_mat_reads_numeric_arrays_as_matlab_writes_them(tmp_path, compress, order):
+    path = tmp_path / "split.mat"
+    path.write_bytes(mat_v5({"trainIds": ([1, 3, 300], 4), "valIds": ([2.0, 4.0], 9), "note": "GTA5",
+                             "ids": ([7], 2)}, compress, order))
+    arrays = data.read_mat(path)
+    assert set(arrays) == {"trainIds", "valIds", "ids"}                      # the char array is skipped
+    assert arrays["trainIds"].dtype == np.float64 and arrays["trainIds"].shape == (3, 1)
+    assert arrays["trainIds"][:, 0].tolist() == [1, 3, 300] and arrays["valIds"][:, 0].tolist() == [2, 4]
+    assert arrays["ids"].tolist() == [[7]]
+    path.write_bytes(b"MATLAB 7.3 MAT-file" + b"\0" * 200)
+    with pytest.raises(data.BadInput, match="7.3"):
+        data.read_mat(path)
+
+
+def test_gta5_reads_every_image_without_split_files_and_the_official_split_with_split_mat(tmp_path):
+    for n in range(1, 6):
+        fake_image(tmp_path / "images" / f"{n:05d}.png")
+        fake_label(tmp_path / "labels" / f"{n:05d}.png", [7, 26], mode="P")
+    assert [s["name"] for s in data.GTA5(tmp_path).samples] == ["00001", "00002", "00003", "00004", "00005"]
+    with pytest.raises(data.MissingFile) as e:
+        data.GTA5(tmp_path, "val")
+    message = " ".join(str(e.value).split())
+    assert f"no split 'val': looked for {tmp_path / 'split.mat'} (valIds) and {tmp_path / 'val.txt'}" in message
+    assert "published at https://download.visinf.tu-darmstadt.de/data/from_games/" in message
+    (tmp_path / "split.mat").write_bytes(mat_v5({"trainIds": ([1, 2, 3], 4), "valIds": ([4], 4),
+                                                 "testIds": ([5], 4)}, compress=True))
+    assert [s["name"] for s in data.GTA5(tmp_path, "train").samples] == ["00001", "00002", "00003"]
+    assert [s["name"] for s in data.GTA5(tmp_path, "val").samples] == ["00004"]
+    (tmp_path / "mine.txt").write_text("images/00002.png\n00005\n")
+    assert [s["name"] for s in data.GTA5(tmp_path, split_file=tmp_path / "mine.txt").samples] == ["00002", "00005"]
+    with pytest.raises(data.MissingFile, match="missing.txt"):
+        data.GTA5(tmp_path, split_file=tmp_path / "missing.txt")
+
+
+def test_synthia_has_no_official_split_and_reads_list_files(tmp_path):
+    for n in range(3):
+        fake_image(tmp_path / "RGB" / f"{n:07d}.png")
+        png16_rgb(tmp_path / "GT" / "LABELS" / f"{n:07d}.png", np.full((H, W, 3), 3, np.uint16))
+    assert len(data.Synthia(tmp_path)) == 3
+    with pytest.raises(data.MissingFile, match=r"(?s)no split 'val' \(SYNTHIA has no official split\).*synthia-dataset"):
+        data.Synthia(tmp_path, "val")
+    (tmp_path / "val.txt").write_text("0000001.png\n0000009.png\n")
+    with pytest.warns(UserWarning, match="1 of the 2 images listed"):
+        assert [s["name"] for s in data.Synthia(tmp_path, "val").samples] == ["0000001"]
 
 
 # ---------------------------------------------------------------- ToyCity
