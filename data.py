@@ -602,7 +602,8 @@ class SegmentationFiles(torch.utils.data.Dataset):
     - split_file: keep only the samples listed in this text file (one image name per line).
     With a size set, an image/label size mismatch (GTA5 has such pairs) is repaired with or without
     skip_bad: both are resized independently to the size and the sample carries
-    "repaired": "<file>: size mismatch image HxW vs label hxw (<label>), resized independently"."""
+    "repaired": "<file>: size mismatch image HxW vs label hxw (<label>), resized independently"
+    (with full_labels: "..., image resized, label kept")."""
 
     num_ids, num_classes, class_names = NUM_IDS, NUM_CLASSES, CLASS_NAMES
     id_table, train_table = CITYSCAPES_IDS, ID_TO_TRAINID
@@ -660,7 +661,8 @@ class SegmentationFiles(torch.utils.data.Dataset):
             problem = _size_mismatch(s, image.shape[-2:], raw.shape[-2:])
             if self.size is None:
                 raise BadInput(problem)
-            sample["repaired"] = f"{problem}, resized independently"
+            sample["repaired"] = problem + (", image resized, label kept" if self.full_labels else
+                                            ", resized independently")
         if self.size is not None:
             sample = _resize_sample(sample, self.output_size(image.shape[-2:]), labels=not self.full_labels)
         return sample
@@ -745,8 +747,8 @@ class GTA5(SegmentationFiles):
     (palette PNGs of Cityscapes label ids). split="all" (the default) reads every image, as domain
     generalisation from GTA5 trains on; "train" / "val" / "test" read the official split,
     root/split.mat (trainIds / valIds / testIds, image numbers), else the names listed in
-    root/<split>.txt. A few pairs differ in size (e.g. 15188, 20803-20834, 20858-20860): see
-    SegmentationFiles for how a size set repairs them."""
+    root/<split>.txt. A few pairs differ in size: see SegmentationFiles for how a size set
+    repairs them, `check_split` for listing them."""
 
     LAYOUT = "root/images/<n>.png, root/labels/<n>.png (Cityscapes label ids)"
     URL = "https://download.visinf.tu-darmstadt.de/data/from_games/"
@@ -1145,19 +1147,83 @@ def _plasma_fractal(size, decay, rng):
     return (m / m.max()).astype(np.float32)
 
 
+# The frost sheet after ImageNet-C's photographs (frost1-5; frost6 is never drawn): their mean grey
+# levels span 0.48..0.82 and their pooled RGB means are 0.57, 0.66, 0.70 (a blue tint); our level
+# range is set so that the mean change per severity matches the reference's (docs/data.md).
+FROST_LEVEL, FROST_TINT, FROST_GRID = (0.48, 0.88), (0.87, 1.0, 1.07), 640
+
+
 def _frost_layer(shape, rng):
-    """A procedural frost texture in [0, 1] (our stand-in for ImageNet-C's six frost photos): a
-    ridged multi-scale noise ice sheet, brighter towards the borders, with needle crystals,
-    tinted blue-white."""
+    """A procedural frost sheet (H, W, 3) in [0, 1], our stand-in for ImageNet-C's frost photographs
+    (not shipped): a blue-white sheet at a random grey level in the photographs' range, crossed by
+    needle crystals (streaks whose direction, in six steps of 30 degrees, drifts smoothly across the
+    sheet) and a soft cloudiness; drawn on a grid of at most FROST_GRID pixels (crystal sizes in
+    pixels as the photographs' for images up to their size, scaled with larger images, as the
+    reference's resized photographs) and resized to the image."""
     H, W = shape
-    ice = sum(w * (1 - np.abs(_value_noise(rng, shape, max(2, int(W * f))))) ** 3
-              for w, f in ((0.5, 0.12), (0.3, 0.05), (0.2, 0.02)))
-    yy, xx = np.linspace(-1, 1, H)[:, None], np.linspace(-1, 1, W)[None, :]
-    edge = np.clip(np.maximum(np.abs(yy), np.abs(xx)) ** 2 + 0.3, 0, 1)          # frost grows from the frame
-    seeds = (rng.random((H, W, 1)) > 0.9993).astype(np.float32)
-    needles = sum(_motion_blur(seeds, max(2, W // 30), W / 40, a) for a in rng.uniform(0, 360, 4))[..., 0]
-    layer = np.clip(ice * edge * 1.2 + np.clip(needles * W / 8, 0, 0.8), 0, 1)[..., None]
-    return layer * np.array([0.85, 0.92, 1.0], np.float32)
+    scale = min(1.0, FROST_GRID / max(H, W))
+    h, w = max(1, round(H * scale)), max(1, round(W * scale))
+    direction = (rng.uniform(0, 6) + 3 * _value_noise(rng, (h, w), 32)).astype(int) % 6   # (h, w) in 0..5
+    seeds = rng.standard_normal((h, w, 1), dtype=np.float32) ** 2 * (rng.random((h, w, 1)) < 0.08)
+    needles = np.zeros((h, w), np.float32)
+    for i in range(6):
+        inside = direction == i
+        for angle in (30 * i, 30 * i + 180):                     # both ways along the needle
+            needles[inside] += _motion_blur(seeds, 10, 5, angle)[..., 0][inside]
+    needles = (needles - needles.mean()) / (needles.std() + 1e-6)
+    grey = rng.uniform(*FROST_LEVEL) + 0.11 * np.clip(needles, -2, 3) + 0.06 * _value_noise(rng, (h, w), 40)
+    layer = np.clip(grey[..., None] * np.array(FROST_TINT, np.float32), 0, 1)
+    return layer if (h, w) == (H, W) else _resize(layer, (H, W))
+
+
+def _box3(x):
+    """3x3 mean of (H, W), reflected border (OpenCV's blur)."""
+    H, W = x.shape
+    p = np.pad(x, 1, mode="reflect")
+    return sum(p[i:i + H, j:j + W] for i in range(3) for j in range(3)) / 9
+
+
+def _edge_distance(inside, cap=20):
+    """Euclidean distance (H, W), capped, from every pixel to the nearest boundary pixel of the
+    boolean map `inside`: nearest boundary in the row, then the minimum over rows within the cap."""
+    H, W = inside.shape
+    p = np.pad(inside, 1, mode="edge")
+    boundary = inside & ~(p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:])
+    x = np.arange(W)
+    left = np.maximum.accumulate(np.where(boundary, x, -2 * W), axis=1)
+    right = np.minimum.accumulate(np.where(boundary, x, 3 * W)[:, ::-1], axis=1)[:, ::-1]
+    row = np.minimum(np.minimum(x - left, right - x), cap + 1).astype(np.float32) ** 2
+    d2 = row.copy()
+    for dy in range(1, cap + 1):
+        d2[dy:] = np.minimum(d2[dy:], row[:-dy] + dy * dy)
+        d2[:-dy] = np.minimum(d2[:-dy], row[dy:] + dy * dy)
+    return np.minimum(np.sqrt(d2), cap)
+
+
+def _equalize_hist(u8):
+    """Histogram equalisation of a uint8 map (OpenCV's equalizeHist: the lowest value -> 0)."""
+    hist = np.bincount(u8.ravel(), minlength=256)
+    low = hist[np.flatnonzero(hist)[0]]
+    if low == u8.size:
+        return u8
+    return np.clip(np.round((np.cumsum(hist) - low) * 255 / (u8.size - low)), 0, 255).astype(np.uint8)[u8]
+
+
+EMBOSS = np.array([[-2, -1, 0], [-1, 1, 1], [0, 1, 2]], np.float32)
+
+
+def _drop_shading(liquid):
+    """Shading of the water drops of `liquid` (H, W) (0 outside the drops), imagecorruptions'
+    chain: distance to the drop edges (capped at 20 px; the drop boundary stands in for Canny's
+    edges), 3x3 blur, histogram equalisation, emboss (clipped to 0..255), 3x3 blur, times the
+    drop layer, normalised to a maximum of 1."""
+    drops = (liquid * 255).astype(np.uint8)
+    dist = _equalize_hist(_box3(_edge_distance(drops > 0)).astype(np.uint8))
+    H, W = dist.shape
+    p = np.pad(dist.astype(np.float32), 1, mode="reflect")
+    embossed = np.clip(np.round(sum(EMBOSS[i, j] * p[i:i + H, j:j + W] for i in range(3) for j in range(3))), 0, 255)
+    m = drops * np.round(_box3(embossed))
+    return m / m.max() if m.max() > 0 else m
 
 
 def _gaussian_noise(x, c, rng):
@@ -1230,14 +1296,12 @@ def _fog(x, c, rng):
 
 
 def _spatter(x, c, rng):
-    """Water drops (severities 1-3) or mud (4-5). Water is simplified (our choice): the drop layer's
-    own intensity shades the drops, instead of the original's Canny / distance-transform shading."""
+    """Water drops (severities 1-3) shaded as imagecorruptions does (`_drop_shading`), or mud (4-5)."""
     loc, scale, sigma, threshold, intensity, mud = c
     liquid = _gaussian_blur(rng.normal(loc, scale, x.shape[:2] + (1,)).astype(np.float32), sigma)
     liquid[liquid < threshold] = 0
     if not mud:
-        m = _gaussian_blur(liquid, 1.0)
-        m = m / (m.max() + 1e-6) * intensity
+        m = _drop_shading(liquid[..., 0])[..., None] * intensity
         return x + m * np.array([175, 238, 238], np.float32) / 255             # pale turquoise
     m = _gaussian_blur((liquid > threshold).astype(np.float32), intensity)
     m[m < 0.8] = 0
