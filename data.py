@@ -610,8 +610,10 @@ class SegmentationFiles(torch.utils.data.Dataset):
     keep_aspect = False
 
     def __init__(self, samples, size=None, transform=None, skip_bad=False, full_labels=False, split_file=None):
-        if size is not None and not (isinstance(size, int) and size > 0
-                                     or len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+        def positive(v):
+            return isinstance(v, (int, np.integer)) and v > 0
+        if size is not None and not (positive(size) or isinstance(size, (tuple, list)) and len(size) == 2
+                                     and all(map(positive, size))):
             raise BadInput(f"{type(self).__name__}: size must be (H, W) or a shorter side, positive ints; got {size!r}")
         if split_file is not None:
             if not Path(split_file).is_file():
@@ -642,9 +644,10 @@ class SegmentationFiles(torch.utils.data.Dataset):
 
     def output_size(self, shape):
         """The (H, W) that `size` gives an image of shape (h, w)."""
-        if not (isinstance(self.size, int) or self.keep_aspect):
+        shorter_side = isinstance(self.size, (int, np.integer))
+        if not (shorter_side or self.keep_aspect):
             return tuple(self.size)
-        short = self.size if isinstance(self.size, int) else min(self.size)
+        short = int(self.size) if shorter_side else min(self.size)
         h, w = shape
         if h <= w:
             return short, max(1, round(w * short / h))
@@ -945,7 +948,7 @@ class StyleFolder(torch.utils.data.Dataset):
                  "https://www.kaggle.com/c/painter-by-numbers (train.zip), or any image folder")
         self.root, self.size = root, size
         self.max_side = max(max_side, *size) if size is not None else max_side
-        self.files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        self.files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         self.unreadable = set()
         if not self.files:
             raise MissingFile(f"style images: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
