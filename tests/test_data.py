@@ -602,6 +602,12 @@ def test_resize_keeps_labels_exact_and_aligned():
     assert torch.equal(s["label_ids"], data.TRAINID_TO_ID[s["labels"]])
     inner = s["image"][0, 1::4, 1::4] * 20        # block interiors: image still encodes the label
     assert torch.allclose(inner, s["labels"][1::4, 1::4].float(), atol=0.05)
+    # an odd size: every output label is the source label at the nearest sample point, (i + 0.5) * scale
+    src = blocky_sample()
+    odd = data.Resize((13, 19))(src)
+    rows = ((torch.arange(13) + 0.5) * 32 / 13).long()
+    cols = ((torch.arange(19) + 0.5) * 48 / 19).long()
+    assert torch.equal(odd["labels"], src["labels"][rows][:, cols])
 
 
 def test_random_scale_crop_pads_labels_with_ignore_and_stays_aligned():
