@@ -140,8 +140,8 @@ class Run:
         if self.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
             (self.dir / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
-            if args.resume == "":
-                (self.dir / "log.jsonl").unlink(missing_ok=True)
+            if args.resume == "" or (args.resume == "auto" and not (self.dir / "last.pt").exists()):
+                (self.dir / "log.jsonl").unlink(missing_ok=True)  # nothing to resume: a fresh log
 
     # -- devices and data -------------------------------------------------------------------
     def autocast(self):
@@ -229,13 +229,18 @@ class Run:
 
     # -- checkpoints ------------------------------------------------------------------------
     def save(self, state, tag="last"):
-        """Write <dir>/<tag>.pt atomically (temporary file, then os.replace); rank 0 only."""
+        """Write <dir>/<tag>.pt atomically (temporary file, fsync, os.replace, fsync of the folder);
+        rank 0 only. A crash at any moment leaves either the old or the new checkpoint on disk."""
         if not self.is_main:
             return None
         path = self.dir / f"{tag}.pt"
         tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(self.dir)
         return path
 
     def resume(self):
@@ -247,7 +252,7 @@ class Run:
         if not path.exists():
             if choice == "auto":
                 return None
-            raise FileNotFoundError(f"--resume {choice}: no checkpoint at {path}")
+            raise data.MissingFile(f"--resume {choice}: no checkpoint at {path}")
         state = torch.load(path, map_location="cpu", weights_only=True)
         step = state.get("step", 0)
         if self.is_main:
@@ -257,6 +262,34 @@ class Run:
                 rows = [r for r in log.read_text().splitlines() if r and json.loads(r)["step"] <= step]
                 log.write_text("".join(r + "\n" for r in rows))
         return state
+
+    def restore(self, state, modules, optimizers=None):
+        """Load a checkpoint of `resume()` into `modules` ({key: module}) and `optimizers`
+        ({key: optimizer}), plus the scaler and RNG states it holds; returns its step.
+
+        Modules are moved to the run's device first: `Optimizer.load_state_dict` puts each state
+        tensor (momentum, Adam moments) on the device of its parameter at load time, so loading
+        before the move would leave them on the CPU and mix devices at the first step on a GPU."""
+        for key, module in modules.items():
+            module.to(self.device)
+            unwrap(module).load_state_dict(state[key])
+        for key, optimizer in (optimizers or {}).items():
+            optimizer.load_state_dict(state[key])
+        if "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        if "rng" in state:
+            self.set_rng_state(state["rng"])
+        return state.get("step", 0)
+
+    def update_scaler(self):
+        """`scaler.update()` after the `scaler.step(optimizer)` calls of one training step; returns
+        whether the optimizers really stepped (False when fp16 gradients held an inf/NaN: the
+        scaler skipped every step and lowered its scale). Always True without fp16."""
+        if not self.scaler.is_enabled():
+            return True
+        before = self.scaler.get_scale()
+        self.scaler.update()
+        return self.scaler.get_scale() >= before  # the scale only falls (backoff < 1) on a skipped step
 
     def rng_state(self):
         """RNG states of every rank (Python, NumPy, torch, CUDA) as tensors, for a checkpoint."""
@@ -331,6 +364,20 @@ class Run:
         """Tear down the process group (when distributed)."""
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def fsync_dir(folder):
+    """fsync a folder, so that a rename inside it survives a power loss (a no-op where unsupported)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def save_grid(path, rows, pad=2):
@@ -485,7 +532,9 @@ def svg_curve(title, points, width=360, height=180):
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# Where each backbone's ImageNet checkpoint is published (we never download).
+CAFFE_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)  # AdaptSegNet's IMG_MEAN (BGR, 0..255)
+
+# Where each checkpoint is published (we never download).
 PUBLISHED = {
     "resnet18": "torchvision: https://download.pytorch.org/models/resnet18-f37072fd.pth",
     "resnet34": "torchvision: https://download.pytorch.org/models/resnet34-b627a593.pth",
@@ -493,19 +542,25 @@ PUBLISHED = {
     "resnet101": "torchvision: https://download.pytorch.org/models/resnet101-63fe2227.pth",
     "resnet152": "torchvision: https://download.pytorch.org/models/resnet152-394f9c45.pth",
     **{f"mit_b{i}": f"NVlabs/SegFormer README, 'ImageNet-1K pre-trained weights' (mit_b{i}.pth)" for i in range(6)},
+    "adaptsegnet-init": "wasidennis/AdaptSegNet (train_gta2cityscapes_multi.py RESTORE_FROM): "
+                        "http://vllab.ucmerced.edu/ytsai/CVPR18/DeepLab_resnet_pretrained_init-f81d91e8.pth",
+    "drn-d-105": "fyu/drn README, 'pretrained DRN models on Cityscapes': http://go.yf.io/drn-cityscapes-models "
+                 "(drn_d_105_cityscapes.pth)",
+    "upernet-101": "CSAILVision/semantic-segmentation-pytorch README: http://sceneparsing.csail.mit.edu/model/pytorch/"
+                   "ade20k-resnet101-upernet/ (encoder_epoch_50.pth and decoder_epoch_50.pth, in one folder)",
+    "deeplabv2-cocostuff": "kazuto1011/deeplab-pytorch README (COCO-Stuff 164k): https://github.com/kazuto1011/"
+                           "deeplab-pytorch/releases/download/v1.0/deeplabv2_resnet101_msc-cocostuff164k-100000.pth",
+    **{f"segformer-b{i}": f"NVlabs/SegFormer README, 'Evaluation' (trained Cityscapes / ADE20K checkpoints, e.g. "
+                          f"segformer.b{i}.1024x1024.city.160k.pth / segformer.b{i}.512x512.ade.160k.pth)"
+       for i in range(6)},
 }
 
 
 def load_pretrained(module, path, name):
     """Load an ImageNet checkpoint into a backbone strictly, ignoring its classification head."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrained weights for {name} not found at {path}; published by {PUBLISHED[name]}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state)
+    state = read_checkpoint(path, name)
     state = {k: v for k, v in state.items() if not k.startswith(("fc.", "head."))}
-    module.load_state_dict(state, strict=True)
-    return module
+    return load_strict(module, state, path)
 
 
 class Normalize(nn.Module):
@@ -541,18 +596,34 @@ class BasicBlock(nn.Module):
         return self.relu(self.bn2(self.conv2(out)) + identity)
 
 
+class FrozenBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm with fixed statistics and affine parameters (Caffe DeepLab / AdaptSegNet / CLAN):
+    always normalises with the running statistics; weight and bias do not train. Same keys as BatchNorm2d."""
+
+    def __init__(self, num_features, eps=1e-5):
+        super().__init__(num_features, eps=eps)
+        self.weight.requires_grad_(False)
+        self.bias.requires_grad_(False)
+
+    def forward(self, x):
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+
 class Bottleneck(nn.Module):
-    """1x1 -> 3x3 (stride, dilation) -> 1x1 (x4) + identity (ResNet-50/101/152, torchvision's v1.5)."""
+    """1x1 -> 3x3 (stride, dilation) -> 1x1 (x4) + identity (ResNet-50/101/152, torchvision's v1.5).
+    `stride_in_1x1`: the stride sits in the first 1x1 conv instead (the original Caffe ResNet, v1)."""
     expansion = 4
 
-    def __init__(self, inplanes, planes, stride=1, downsample=None, dilation=1):
+    def __init__(self, inplanes, planes, stride=1, downsample=None, dilation=1, norm=nn.BatchNorm2d,
+                 stride_in_1x1=False):
         super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, padding=dilation, dilation=dilation, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, s1, bias=False)
+        self.bn1 = norm(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, s3, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = norm(planes)
         self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.bn3 = norm(planes * 4)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
 
@@ -569,29 +640,54 @@ RESNET_LAYERS = {18: (BasicBlock, [2, 2, 2, 2]), 34: (BasicBlock, [3, 4, 6, 3]),
 
 class ResNet(nn.Module):
     """ResNet without its classifier; forward returns the outputs of layer1..layer4 (strides 4, 8, 16, 32
-    or, with dilation replacing the last strides, 4, 8, 8, 8 at output stride 8 and 4, 8, 16, 16 at 16)."""
+    or, with dilation replacing the last strides, 4, 8, 8, 8 at output stride 8 and 4, 8, 16, 16 at 16).
 
-    def __init__(self, depth, output_stride=None):
+    style="caffe" is the DeepLab-v2 of AdaptSegNet / CLAN (and of kazuto1011's COCO-Stuff model): the
+    stride in the first 1x1 conv of a bottleneck, max pooling with ceil_mode, every block of layer3 /
+    layer4 dilated 2 / 4 (output stride 8), BatchNorm frozen (`FrozenBatchNorm2d`). Same names.
+    """
+
+    def __init__(self, depth, output_stride=None, style="torchvision"):
         super().__init__()
         if depth not in RESNET_LAYERS:
-            raise ValueError(f"ResNet depth must be one of {sorted(RESNET_LAYERS)}, got {depth}")
-        if output_stride not in (None, 8, 16, 32):
-            raise ValueError(f"output_stride must be 8, 16, 32 or None, got {output_stride}")
+            raise data.BadInput(f"ResNet depth must be one of {sorted(RESNET_LAYERS)}, got {depth}")
+        if style not in ("torchvision", "caffe"):
+            raise data.BadInput(f"ResNet style must be 'torchvision' or 'caffe', got {style!r}")
+        caffe = style == "caffe"
+        if output_stride not in ((None, 8) if caffe else (None, 8, 16, 32)):
+            raise data.BadInput(f"output_stride must be 8, 16, 32 or None (caffe style: 8), got {output_stride}")
         block, layers = RESNET_LAYERS[depth]
+        if caffe and block is not Bottleneck:
+            raise data.BadInput(f"the caffe-style ResNet has bottleneck blocks (depth 50, 101, 152), got {depth}")
         dilate = {8: (False, True, True), 16: (False, False, True)}.get(output_stride, (False, False, False))
-        self.inplanes, self.dilation = 64, 1
+        norm = FrozenBatchNorm2d if caffe else nn.BatchNorm2d
+        self.inplanes, self.dilation, self.norm, self.caffe = 64, 1, norm, caffe
         self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.bn1 = norm(64)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
-        self.layer1 = self._make_layer(block, 64, layers[0])
-        self.layer2 = self._make_layer(block, 128, layers[1], 2, dilate[0])
-        self.layer3 = self._make_layer(block, 256, layers[2], 2, dilate[1])
-        self.layer4 = self._make_layer(block, 512, layers[3], 2, dilate[2])
+        self.maxpool = nn.MaxPool2d(3, 2, 1, ceil_mode=caffe)
+        if caffe:  # CLAN / AdaptSegNet: layer3 and layer4 keep stride 8, every block dilated 2 / 4
+            self.layer1 = self._make_caffe_layer(64, layers[0], 1, 1)
+            self.layer2 = self._make_caffe_layer(128, layers[1], 2, 1)
+            self.layer3 = self._make_caffe_layer(256, layers[2], 1, 2)
+            self.layer4 = self._make_caffe_layer(512, layers[3], 1, 4)
+        else:
+            self.layer1 = self._make_layer(block, 64, layers[0])
+            self.layer2 = self._make_layer(block, 128, layers[1], 2, dilate[0])
+            self.layer3 = self._make_layer(block, 256, layers[2], 2, dilate[1])
+            self.layer4 = self._make_layer(block, 512, layers[3], 2, dilate[2])
         self.channels = [64 * block.expansion, 128 * block.expansion, 256 * block.expansion, 512 * block.expansion]
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def _make_caffe_layer(self, planes, blocks, stride, dilation):
+        """Caffe DeepLab-v2: the stride in the first 1x1 conv; every block of the layer at `dilation`."""
+        downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * 4, 1, stride, bias=False), self.norm(planes * 4))
+        layers = [Bottleneck(self.inplanes, planes, stride, downsample, dilation, self.norm, stride_in_1x1=True)]
+        self.inplanes = planes * 4
+        layers += [Bottleneck(self.inplanes, planes, dilation=dilation, norm=self.norm) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
 
     def _make_layer(self, block, planes, blocks, stride=1, dilate=False):
         """As torchvision: a dilated layer keeps the previous dilation in its first block."""
@@ -616,9 +712,10 @@ class ResNet(nn.Module):
         return [c1, c2, c3, c4]
 
 
-def resnet(depth, output_stride=None, pretrained=None):
-    """ResNet-`depth` with torchvision's names (no fc); `pretrained`: a torchvision ImageNet checkpoint."""
-    model = ResNet(depth, output_stride)
+def resnet(depth, output_stride=None, pretrained=None, style="torchvision"):
+    """ResNet-`depth` with torchvision's names (no fc); `pretrained`: a torchvision ImageNet checkpoint.
+    style="caffe": the DeepLab-v2 backbone of AdaptSegNet / CLAN (see `ResNet`)."""
+    model = ResNet(depth, output_stride, style)
     if pretrained:
         load_pretrained(model, pretrained, f"resnet{depth}")
     return model
@@ -645,20 +742,40 @@ class ASPPClassifier(nn.Module):
         return sum(conv(x) for conv in self.conv2d_list)
 
 
+class CaffeNormalize(nn.Module):
+    """RGB in [0, 1] -> BGR in [0, 255] minus the per-channel mean, the input of Caffe-trained DeepLab
+    models (AdaptSegNet's IMG_MEAN; kazuto1011's MEAN 104.008 / 116.669 / 122.675)."""
+
+    def __init__(self, mean_bgr=CAFFE_MEAN_BGR):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean_bgr).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x):
+        return x.flip(1) * 255.0 - self.mean
+
+
 class DeepLabV2(nn.Module):
     """Dilated ResNet (output stride 8) + ASPP classifier `layer5`.
 
+    style="torchvision": torchvision's ResNet, dilated as `replace_stride_with_dilation` (the first
+    block of a dilated layer keeps the previous dilation), trained BatchNorm, ImageNet mean / std;
+    `pretrained` is torchvision's ImageNet checkpoint. style="caffe": the form of AdaptSegNet / CLAN
+    and ASH (`ResNet(style="caffe")`, BGR mean-subtracted input); `pretrained` is AdaptSegNet's
+    MS-COCO-initialised DeepLab_resnet_pretrained_init-f81d91e8.pth (`load_adaptsegnet_init`).
     `multi_level=True` adds a second ASPP classifier `layer6` on the same layer4 features, as in CLAN
     (the baseline of ASH, Table 5); `forward` then returns the sum of both (CLAN's prediction) and
     `heads(x)` returns each. Attribute names `layer5`/`layer6`/`conv2d_list` follow AdaptSegNet/CLAN.
     """
 
-    def __init__(self, num_classes=19, depth=101, multi_level=False, pretrained=None):
+    def __init__(self, num_classes=19, depth=101, multi_level=False, pretrained=None, style="torchvision"):
         super().__init__()
-        self.normalize = Normalize()
-        self.backbone = resnet(depth, output_stride=8, pretrained=pretrained)
+        caffe = style == "caffe"
+        self.normalize = CaffeNormalize() if caffe else Normalize()
+        self.backbone = resnet(depth, output_stride=8, pretrained=None if caffe else pretrained, style=style)
         self.layer5 = ASPPClassifier(self.backbone.channels[3], num_classes)
         self.layer6 = ASPPClassifier(self.backbone.channels[3], num_classes) if multi_level else None
+        if caffe and pretrained:
+            load_adaptsegnet_init(self, pretrained)
 
     def heads(self, x):
         """Logits of each classifier at the input resolution: [(N, C, H, W)] (two with multi_level)."""
@@ -670,10 +787,65 @@ class DeepLabV2(nn.Module):
         return sum(self.heads(x))
 
     def param_groups(self, lr):
-        """Backbone at lr, classifiers at 10 x lr (DeepLab-v2 / AdaptSegNet / CLAN recipe)."""
+        """Backbone at lr, classifiers at 10 x lr (DeepLab-v2 / AdaptSegNet / CLAN recipe); frozen
+        BatchNorm parameters (caffe style) are left out."""
         head = [p for m in (self.layer5, self.layer6) if m is not None for p in m.parameters()]
-        return [{"params": list(self.backbone.parameters()), "lr": lr},
+        return [{"params": [p for p in self.backbone.parameters() if p.requires_grad], "lr": lr},
                 {"params": head, "lr": 10 * lr}]
+
+
+def read_checkpoint(path, name):
+    """A state_dict from a published checkpoint file (unwrapping "state_dict" / "model"), or
+    data.MissingFile naming the path and where the file is published (PUBLISHED[name])."""
+    path = Path(path)
+    if not path.is_file():
+        raise data.MissingFile(f"{name} weights not found at {path}; published at {PUBLISHED[name]}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise data.BadInput(f"{path}: not a readable PyTorch checkpoint of {name} ({type(e).__name__}: {e})")
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return state
+
+
+def load_strict(module, state, source):
+    """load_state_dict(strict=True), where checkpoints from before PyTorch 0.4.1 (no BatchNorm
+    `num_batches_tracked`) get the module's own counters; a mismatch raises data.BadInput."""
+    own = module.state_dict()
+    state = {**{k: v for k, v in own.items() if k.endswith("num_batches_tracked")}, **state}
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise data.BadInput(f"{source} does not fit: {str(e).splitlines()[0]} {_one_diff(own, state)}")
+    return module
+
+
+def _one_diff(own, state):
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
+    return f"(missing {missing[:3]}, unexpected {unexpected[:3]}, other shapes {shapes[:3]})"
+
+
+def load_adaptsegnet_init(model, path):
+    """AdaptSegNet's DeepLab_resnet_pretrained_init-f81d91e8.pth (MS-COCO DeepLab-v2, the start of
+    AdaptSegNet, CLAN and ASH) into a caffe-style `DeepLabV2`: keys `Scale.<resnet key>` and
+    `Scale.layer5.conv2d_list.<i>.*`; the classifier is skipped when its class count differs (as
+    AdaptSegNet does) and CLAN's `layer6` keeps its initialisation."""
+    state = read_checkpoint(path, "adaptsegnet-init")
+    own = model.state_dict()
+    converted = {}
+    for key, value in state.items():
+        key = key[len("Scale."):] if key.startswith("Scale.") else key
+        key = key if key.startswith("layer5.") else "backbone." + key
+        if key.startswith("layer5.") and key in own and own[key].shape != value.shape:
+            continue  # another class count: keep our classifier
+        converted[key] = value
+    for key in own:
+        if key.startswith(("layer5.", "layer6.")) and key not in converted:
+            converted[key] = own[key]
+    return load_strict(model, converted, path)
 
 
 # --- DeepLab-v3+ (Chen et al. 2018), Robusta's segmenter (F.1, Table A4) -------------------------
@@ -997,6 +1169,52 @@ class GeneratedDataset(data.Cityscapes):
         super().__init__(root, split, size=size, transform=transform)
 
 
+# StreetHazards' own classes: PNG value v -> class v - 1 (hendrycks/anomaly-seg); 14 is the anomaly.
+STREETHAZARDS_CLASSES = ["unlabeled", "building", "fence", "other", "pedestrian", "pole", "road line", "road",
+                         "sidewalk", "vegetation", "car", "wall", "traffic sign"]
+
+
+class StreetHazardsBenchmark(data.StreetHazards):
+    """StreetHazards as its benchmark scores it (hendrycks/anomaly-seg): the segmenter learns the
+    dataset's own 13 classes (PNG value v -> class v - 1, "unlabeled" and "other" included); at
+    test time the anomaly (PNG 14, class 13) is the positive class and every other pixel a negative
+    ("anomaly" = 1 / 0, no void); in "labels" the anomaly is ignored (255) for mIoU."""
+
+    num_classes, class_names = 13, STREETHAZARDS_CLASSES
+    train_table = data._table([(v, v - 1) for v in range(1, 14)], data.IGNORE_INDEX)
+
+    def extra(self, s, raw):
+        return {"anomaly": torch.from_numpy((raw == data.STREETHAZARDS_ANOMALY).astype(np.uint8))}
+
+
+BDD_ANOMALY_TRAINIDS = (16, 17)  # train, motorcycle: the anomaly classes of BDD-Anomaly
+BDD_ANOMALY_CLASSES = [n for t, n in enumerate(data.CLASS_NAMES) if t not in BDD_ANOMALY_TRAINIDS]
+
+
+class BDDAnomaly(data.BDD100K):
+    """BDD-Anomaly (hendrycks/anomaly-seg, from BDD100K segmentation): train and motorcycle are the
+    anomalies. "train" drops every image whose label holds one of them; "val" keeps every image,
+    with "anomaly" = 1 on them, 0 on the other 17 classes, 255 on void (our choice: void is no
+    negative). The segmenter learns 17 classes (the 19 trainIds without 16 and 17, in order)."""
+
+    num_classes, class_names = 17, BDD_ANOMALY_CLASSES
+    train_table = data._table([(t, i) for i, t in enumerate(t for t in range(19) if t not in BDD_ANOMALY_TRAINIDS)],
+                              data.IGNORE_INDEX)
+
+    def __init__(self, root, split="train", size=None, transform=None, **kwargs):
+        super().__init__(root, split, size, transform, **kwargs)
+        if split == "train":
+            keep = [s for s in self.samples
+                    if not np.isin(data.read_label(s["label"]).numpy(), BDD_ANOMALY_TRAINIDS).any()]
+            print(f"BDD-Anomaly: {len(self.samples) - len(keep)} of {len(self.samples)} training images hold "
+                  f"train / motorcycle and are left out", flush=True)
+            self.samples = keep
+
+    def extra(self, s, raw):
+        anomaly = np.where(raw == data.IGNORE_INDEX, 255, np.isin(raw, BDD_ANOMALY_TRAINIDS)).astype(np.uint8)
+        return {"anomaly": torch.from_numpy(anomaly)}
+
+
 def collate(samples):
     """Batch the keys every segmentation dataset shares (real and generated sets differ in extras)."""
     batch = {"image": torch.stack([s["image"] for s in samples]),
@@ -1012,7 +1230,10 @@ class MeanTeacher:
 
     Our choices where F.1 is silent: EMA decay 0.999 with Tarvainen's ramp min(decay, 1 - 1/(step+1));
     buffers (BN statistics) copied from the student; pseudo-labels are the teacher's argmax where
-    its max softmax probability reaches `threshold` (elsewhere 255, ignored).
+    its max softmax probability reaches `threshold` (elsewhere 255, ignored); the pseudo-label loss
+    is weighted by the fraction of confident pixels (`pseudo_label_loss`, as DACS / DAFormer).
+    Build it after `Run.wrap` (DDP's initial broadcast), so that every rank starts from one teacher,
+    and `update` it only after a step the optimizer really took (`Run.update_scaler`).
     """
 
     def __init__(self, student, decay=0.999):
@@ -1034,6 +1255,14 @@ class MeanTeacher:
         return labels.masked_fill(confidence < threshold, data.IGNORE_INDEX)
 
 
+def pseudo_label_loss(logits, pseudo):
+    """Cross-entropy summed over the confident pixels / all pixels: the mean over confident pixels
+    weighted by their fraction (DACS / DAFormer), hence 0, not NaN, when no pixel is confident.
+    logits (N, C, H, W), pseudo (N, H, W) with 255 where the teacher is not confident."""
+    ce = F.cross_entropy(logits, pseudo, ignore_index=data.IGNORE_INDEX, reduction="sum")
+    return ce / pseudo.numel()
+
+
 # Table A4 (Robusta supplementary): DeepLab-v3+, output stride 8, SGD + poly. "epochs" count passes
 # over the real + generated training set; crop None = whole images.
 PRESETS = {
@@ -1053,15 +1282,19 @@ PRESETS = {
                          max_eval_images=20),
 }
 DATASET_PRESET = {"toycity": "toycity-demo", "cityscapes": "cityscapes", "streethazards": "streethazards",
-                  "bdd100k": "bdd-anomaly"}
+                  "bdd100k": "bdd-anomaly", "bdd-anomaly": "bdd-anomaly"}
 # SegFormer's own recipe (Xie et al.): AdamW, lr 6e-5, weight decay 0.01, poly power 1.
 SEGFORMER_RECIPE = dict(optimizer="adamw", lr=6e-5, weight_decay=0.01, poly_power=1.0)
 # Everything else: DeepLab's SGD recipe.
 DEFAULTS = dict(optimizer="sgd", poly_power=0.9, output_stride=8, severities=[1, 2, 3, 4, 5])
 
-# --dataset name -> reader class of data.py
-DATASETS = {"toycity": "Cityscapes", "cityscapes": "Cityscapes", "gta5": "GTA5", "synthia": "Synthia",
-            "mapillary": "Mapillary", "bdd100k": "BDD100K", "streethazards": "StreetHazards"}
+# --dataset name -> reader (data.py's, or a benchmark protocol above); the split each trains on
+DATASETS = {"toycity": data.Cityscapes, "cityscapes": data.Cityscapes, "gta5": data.GTA5, "synthia": data.Synthia,
+            "mapillary": data.Mapillary, "bdd100k": data.BDD100K, "bdd-anomaly": BDDAnomaly,
+            "streethazards": StreetHazardsBenchmark}
+TRAIN_SPLIT = {"gta5": "all", "synthia": "all"}  # domain generalisation trains on every image
+# --ood-dataset name -> reader whose samples carry an "anomaly" map (ToyCity's outlier/ is a cityscapes layout)
+OOD_DATASETS = {"cityscapes": data.Cityscapes, "streethazards": StreetHazardsBenchmark, "bdd-anomaly": BDDAnomaly}
 
 
 def parse_args(argv=None):
@@ -1075,6 +1308,10 @@ def parse_args(argv=None):
     p.add_argument("--output-stride", type=int, default=None, choices=[8, 16],
                    help="DeepLab-v3+ output stride (Table A4: 8)")
     p.add_argument("--multi-level", action="store_true", help="DeepLab-v2: second classifier as in CLAN")
+    p.add_argument("--style", default="torchvision", choices=["torchvision", "caffe"],
+                   help="DeepLab-v2 backbone: torchvision's ResNet, or CLAN / AdaptSegNet's Caffe form (stride in the "
+                        "first 1x1 conv, every layer3 / layer4 block dilated 2 / 4, BN frozen; --pretrained then "
+                        "reads DeepLab_resnet_pretrained_init-f81d91e8.pth)")
     p.add_argument("--pretrained", default=None, help="ImageNet checkpoint of the backbone (resnet*.pth, mit_b*.pth)")
     p.add_argument("--weights", default=None, help="a segmenter checkpoint to start from / evaluate")
     p.add_argument("--optimizer", default=None, choices=["sgd", "adamw"], help="sgd (DeepLab) or adamw (SegFormer)")
@@ -1082,7 +1319,11 @@ def parse_args(argv=None):
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--weight-decay", type=float, default=None, help="weight decay (Table A4)")
     p.add_argument("--poly-power", type=float, default=None, help="poly schedule power (0.9 DeepLab, 1.0 SegFormer)")
-    p.add_argument("--batch-size", type=int, default=None, help="images per step per process (Table A4)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per step PER PROCESS (Table A4's are global: under torchrun with N processes the "
+                        "effective batch is N times this; see --global-batch-size)")
+    p.add_argument("--global-batch-size", type=int, default=None,
+                   help="images per step over all processes (divided among them; overrides --batch-size)")
     p.add_argument("--epochs", type=int, default=None, help="passes over the training set (Table A4)")
     p.add_argument("--steps", type=int, default=None, help="training steps (overrides --epochs)")
     p.add_argument("--train-minutes", type=float, default=None,
@@ -1097,7 +1338,10 @@ def parse_args(argv=None):
     p.add_argument("--ema", type=float, default=0.999, help="teacher EMA decay (our choice)")
     p.add_argument("--pseudo-threshold", type=float, default=0.9,
                    help="teacher confidence for a pseudo-label (our choice)")
-    p.add_argument("--pseudo-weight", type=float, default=1.0, help="weight of the pseudo-label loss (our choice)")
+    p.add_argument("--pseudo-weight", type=float, default=1.0,
+                   help="weight of the pseudo-label loss, itself weighted by the confident fraction (our choice)")
+    p.add_argument("--eval-teacher", action="store_true",
+                   help="also evaluate the mean teacher (F.1 does not say which model is evaluated): results['teacher']")
     p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
     p.add_argument("--eval-mode", default="whole", choices=["whole", "slide"], help="whole-image or sliding window")
     p.add_argument("--eval-crop", type=int, nargs=2, default=(512, 1024), help="sliding-window size (H W)")
@@ -1106,10 +1350,15 @@ def parse_args(argv=None):
     p.add_argument("--corruptions", nargs="*", default=None,
                    help="corruptions to evaluate (default: all of data.CORRUPTIONS; give none to skip)")
     p.add_argument("--severities", type=int, nargs="+", default=None, help="corruption severities (default 1..5)")
+    p.add_argument("--split-file", default=None,
+                   help="train on the images listed in this text file (one name per line); default: the dataset's "
+                        "train split (GTA5 / SYNTHIA: every image)")
     p.add_argument("--target-dataset", default=None, choices=sorted(DATASETS), help="unseen domain to evaluate")
     p.add_argument("--target-root", default=None, help="root of --target-dataset")
-    p.add_argument("--ood-dataset", default=None, choices=["cityscapes", "streethazards"],
-                   help="outlier split with an anomaly map (ToyCity's outlier/ is a cityscapes layout)")
+    p.add_argument("--ood-dataset", default=None, choices=sorted(OOD_DATASETS),
+                   help="outlier split with an anomaly map (ToyCity's outlier/ is a cityscapes layout; streethazards: "
+                        "its test split; bdd-anomaly: BDD100K val, train / motorcycle positive); --dataset "
+                        "streethazards / bdd-anomaly use their own by default")
     p.add_argument("--ood-root", default=None, help="root of --ood-dataset")
     p.add_argument("--max-eval-images", type=int, default=None, help="evaluate on the first N images only (0: all)")
     p.add_argument("--no-eval", action="store_true", help="train only")
@@ -1132,26 +1381,51 @@ def resolve_args(args):
 
 
 def dataset_roots(args):
-    """(train, val, target val, ood) datasets for args.dataset; ToyCity: source / target / outlier."""
-    cls = getattr(data, DATASETS[args.dataset])
+    """(train, val, target val, ood) datasets for args.dataset; ToyCity: source / target / outlier.
+
+    GTA5 and SYNTHIA train on every image ('all', as domain generalisation does) and evaluate on a
+    val split only where one exists (GTA5's split.mat or val.txt, SYNTHIA's val.txt); without one,
+    source evaluation is skipped with one line. StreetHazards and BDD-Anomaly follow their
+    benchmark (`StreetHazardsBenchmark`, `BDDAnomaly`): their test / val split is the OOD set.
+    `--no-eval` builds no evaluation set at all."""
     size = tuple(args.size) if args.size else None
     if args.dataset == "toycity":
+        cls = data.Cityscapes
         root = Path(args.data_root) if args.data_root else data.toycity(size=tuple(args.size or (128, 256)))
-        train = cls(root / "source", "train", size=size)
+        train = cls(root / "source", "train", size=size, split_file=args.split_file)
+        if args.no_eval:
+            return train, None, None, None
         val = cls(root / "source", "val", size=size)
         target = cls(root / "target", "val", size=size) if (root / "target").exists() else None
         ood = cls(root / "outlier", "val", size=size) if (root / "outlier").exists() else None
         return train, val, target, ood
     if args.data_root is None:
-        raise ValueError(f"--data-root is required for --dataset {args.dataset}")
-    train, val = cls(args.data_root, "train", size=size), cls(args.data_root, "val", size=size)
+        raise data.UserError(f"--data-root is required for --dataset {args.dataset}")
+    cls = DATASETS[args.dataset]
+    train = cls(args.data_root, TRAIN_SPLIT.get(args.dataset, "train"), size=size, split_file=args.split_file)
+    if args.no_eval:
+        return train, None, None, None
+    val = None
+    if args.dataset in ("gta5", "synthia"):
+        try:
+            val = cls(args.data_root, "val", size=size)
+        except data.MissingFile:
+            print(f"[{args.name}] {args.dataset}: no val split under {args.data_root} (split.mat / val.txt); "
+                  f"source evaluation skipped", flush=True)
+    elif args.dataset != "bdd-anomaly":  # BDD-Anomaly's val split is its OOD set
+        val = cls(args.data_root, "val", size=size)
     target = None
     if args.target_dataset:
-        target = getattr(data, DATASETS[args.target_dataset])(args.target_root, "val", size=size)
+        target = DATASETS[args.target_dataset](args.target_root, "val", size=size)
+    ood_dataset, ood_root = args.ood_dataset, args.ood_root
+    if ood_dataset is None and args.dataset in ("streethazards", "bdd-anomaly"):
+        ood_dataset, ood_root = args.dataset, args.data_root  # the benchmark's own OOD split
     ood = None
-    if args.ood_dataset:
-        ood = getattr(data, DATASETS[args.ood_dataset])(
-            args.ood_root, "val" if args.ood_dataset == "cityscapes" else "test", size=size)
+    if ood_dataset:
+        if ood_root is None:
+            raise data.UserError(f"--ood-dataset {ood_dataset} needs --ood-root")
+        split = {"cityscapes": "val", "streethazards": "test", "bdd-anomaly": "val"}[ood_dataset]
+        ood = OOD_DATASETS[ood_dataset](ood_root, split, size=size)
     return train, val, target, ood
 
 
@@ -1170,11 +1444,31 @@ def jsonable(args):
     return json.loads(json.dumps(vars(args), default=str))
 
 
+def set_batch_size(args, run):
+    """--global-batch-size G -> G / world_size images per process; print the effective batch as the
+    run's first line (Table A4's batch sizes are global: under torchrun, --batch-size is per process)."""
+    if args.global_batch_size:
+        if args.global_batch_size % run.world_size:
+            raise data.BadInput(f"--global-batch-size {args.global_batch_size} is not a multiple of the "
+                                f"{run.world_size} processes")
+        args.batch_size = args.global_batch_size // run.world_size
+    if run.is_main:
+        print(f"[{args.name}] effective batch {args.batch_size * run.world_size} = {args.batch_size} per process "
+              f"x {run.world_size} process{'es' if run.world_size > 1 else ''}", flush=True)
+
+
 def train_segmenter(args):
-    """Train (and evaluate) a segmenter; the CLI of this file. Returns (model, results dict)."""
+    """Train (and evaluate) a segmenter; the CLI of this file. Returns (model, results dict);
+    with --eval-teacher, results["teacher"] holds the mean teacher's results."""
     resolve_args(args)
+    if args.eval_teacher and not args.mean_teacher:
+        raise data.UserError("--eval-teacher evaluates the mean teacher: add --mean-teacher")
+    if args.mean_teacher and not args.generated:
+        raise data.UserError("--mean-teacher pseudo-labels generated images: give at least one --generated PATH")
     run = Run(args)
+    set_batch_size(args, run)
     train_set, val_set, target_set, ood_set = dataset_roots(args)
+    num_classes = train_set.num_classes
     transform = [data.RandomFlip()]
     if args.crop:
         transform.insert(0, data.RandomScaleCrop(tuple(args.crop)))
@@ -1182,37 +1476,29 @@ def train_segmenter(args):
     generated = [GeneratedDataset(root, size=tuple(args.size) if args.size else None, transform=train_set.transform)
                  for root in args.generated]
     supervised = torch.utils.data.ConcatDataset(([] if args.no_real else [train_set]) + generated)
-    if args.mean_teacher and not generated:
-        raise ValueError("--mean-teacher pseudo-labels generated images: give at least one --generated PATH")
 
     kwargs = {}
     if args.model.startswith("deeplabv3plus"):
         kwargs["output_stride"] = args.output_stride
     if args.model.startswith("deeplabv2"):
-        kwargs["multi_level"] = args.multi_level
-    model = build_model(args.model, data.NUM_CLASSES, args.pretrained, **kwargs)
+        kwargs.update(multi_level=args.multi_level, style=args.style)
+    model = build_model(args.model, num_classes, args.pretrained, **kwargs)
     if args.weights:
         model.load_state_dict(load_weights(args.weights))
     optimizer = make_optimizer(model, args)
-    teacher = MeanTeacher(model, args.ema) if args.mean_teacher else None
 
     loader = run.loader(supervised, args.batch_size, shuffle=True, drop_last=True, collate_fn=collate)
     total = args.steps or args.epochs * len(loader)
     step = 0
     state = run.resume()
     if args.eval_only and state is None and not args.weights:
-        raise ValueError("--eval-only needs trained weights: --weights PATH or --resume auto|PATH")
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        run.scaler.load_state_dict(state["scaler"])
-        if teacher is not None:
-            teacher.teacher.load_state_dict(state["teacher"])
-        run.set_rng_state(state["rng"])
-        step, total = state["step"], state["total"]
+        raise data.UserError("--eval-only needs trained weights: --weights PATH or --resume auto|PATH")
+    if state is not None:  # modules go to the device before the optimizer state is loaded
+        step, total = run.restore(state, {"model": model}, {"optimizer": optimizer}), state["total"]
     model = run.wrap(model)
-    if teacher is not None:
-        teacher.teacher.to(run.device)
+    teacher = MeanTeacher(model, args.ema) if args.mean_teacher else None  # after DDP's broadcast
+    if teacher is not None and state is not None:
+        teacher.teacher.load_state_dict(state["teacher"])
 
     def checkpoint(step):
         state = {"step": step, "total": total, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
@@ -1248,14 +1534,14 @@ def train_segmenter(args):
                 loss_sup = F.cross_entropy(logits[:n], labels, ignore_index=data.IGNORE_INDEX)
                 loss = loss_sup
                 if pseudo_batches is not None:  # F.1: supervised and pseudo-label losses together
-                    loss_pseudo = F.cross_entropy(logits[n:], pseudo, ignore_index=data.IGNORE_INDEX)
+                    loss_pseudo = pseudo_label_loss(logits[n:], pseudo)
                     loss = loss_sup + args.pseudo_weight * loss_pseudo
             run.check_finite(loss, step)
             optimizer.zero_grad(set_to_none=True)
             run.scaler.scale(loss).backward()
             run.scaler.step(optimizer)
-            run.scaler.update()
-            if teacher is not None:
+            stepped = run.update_scaler()
+            if teacher is not None and stepped:  # a step skipped by the fp16 scaler leaves the teacher
                 teacher.update(model, step)
             scalars = {"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]}
             if pseudo_batches is not None:
@@ -1278,7 +1564,16 @@ def train_segmenter(args):
         return unwrap(model), {}
     results = {}
     if run.is_main:
-        results = evaluate_all(unwrap(model), args, run, val_set, target_set, ood_set)
+        sets = (val_set, target_set, ood_set)
+        results, pictures = evaluate_all(unwrap(model), args, run.device, *sets, train_set.class_names)
+        if teacher is not None and args.eval_teacher:
+            print("\nmean teacher:", flush=True)
+            results["teacher"], teacher_pictures = evaluate_all(teacher.teacher, args, run.device, *sets,
+                                                                train_set.class_names)
+            pictures += [(f"teacher, {heading}", items) for heading, items in teacher_pictures]
+        (run.dir / "results.json").write_text(json.dumps(results, indent=2))
+        run.write_index(f"segment.py: {args.model} on {args.dataset}", pictures)
+        print(f"\nresults: {run.dir / 'results.json'}, pictures: {run.dir / 'index.html'}", flush=True)
     run.close()
     return unwrap(model), results
 
@@ -1394,35 +1689,53 @@ def evaluate_corruptions(model, dataset, device, corruptions=None, severities=(1
 @torch.no_grad()
 def evaluate_ood(model, loader, device, kinds=("msp", "entropy", "maxlogit"), **predict_kwargs):
     """Pixel-level OOD detection on a split with an "anomaly" map (1 = OOD, 0 = in-distribution, 255 = void):
-    AUROC, AUPR, FPR95 for each anomaly score (max softmax probability, entropy, max logit)."""
+    AUROC, AUPR, FPR95 for each anomaly score (max softmax probability, entropy, max logit), pooled
+    over every pixel of the split, and under "per_image" their mean over the images that hold both
+    OOD and in-distribution pixels (hendrycks/anomaly-seg's StreetHazards / BDD-Anomaly figures)."""
     model.eval()
     meters = {kind: metrics.OODMeter() for kind in kinds}
+    per_image = {kind: [] for kind in kinds}
     for batch in loader:
         if "anomaly" not in batch:
-            raise ValueError("evaluate_ood needs samples with an 'anomaly' map (ToyCity outlier/, StreetHazards)")
+            raise data.BadInput("evaluate_ood needs samples with an 'anomaly' map (ToyCity outlier/, StreetHazards)")
         logits = predict(model, batch["image"].to(device), **predict_kwargs).cpu()
-        anomaly = batch["anomaly"]
+        anomaly = batch["anomaly"]  # (N, H, W)
         for kind in kinds:
             # Robusta F.2 / Table A4 (outlier detection): pixel-level scores, OOD = positive
-            meters[kind].update(metrics.anomaly_scores(logits, kind), anomaly == 1, anomaly != 255)
-    return {kind: meter.compute() for kind, meter in meters.items()}
+            scores = metrics.anomaly_scores(logits, kind)
+            meters[kind].update(scores, anomaly == 1, anomaly != 255)
+            for s, a in zip(scores, anomaly):
+                if (a == 1).any() and (a == 0).any():  # images that are all ID (or all OOD) have no figure
+                    per_image[kind].append(metrics._ood_metrics(*metrics._exact_counts(s, a)))
+    results = {}
+    for kind, meter in meters.items():
+        results[kind] = meter.compute()
+        rows = np.array(per_image[kind]).reshape(-1, 3)
+        results[kind]["per_image"] = {"auroc": float(rows[:, 0].mean()) if len(rows) else float("nan"),
+                                      "aupr": float(rows[:, 1].mean()) if len(rows) else float("nan"),
+                                      "fpr95": float(rows[:, 2].mean()) if len(rows) else float("nan"),
+                                      "images": len(rows)}
+    return results
 
 
-def evaluate_all(model, args, run, val_set, target_set, ood_set):
-    """Everything the CLI reports: per-class IoU tables, corruptions, OOD; results.json + index.html."""
-    device, kw = run.device, dict(mode=args.eval_mode, scales=tuple(args.scales), crop=tuple(args.eval_crop))
+def evaluate_all(model, args, device, val_set, target_set, ood_set, class_names=data.CLASS_NAMES):
+    """Everything the CLI reports: per-class IoU tables, corruptions, OOD -> (results, pictures), where
+    pictures are index.html sections of (caption, image) rows."""
+    model.eval()
+    kw = dict(mode=args.eval_mode, scales=tuple(args.scales), crop=tuple(args.eval_crop))
+    num_classes = len(class_names)
     results, pictures = {}, []
     for split, dataset in (("val", val_set), ("target", target_set)):
         if dataset is None:
             continue
         loader = eval_loader(dataset, args.eval_batch_size, args.max_eval_images)
-        cm = evaluate(model, loader, device, data.NUM_CLASSES, **kw)
-        results[split] = {"miou": cm.miou(), "iou": dict(zip(data.CLASS_NAMES, cm.iou().tolist()))}
-        print(f"\n{split}: mIoU {100 * cm.miou():.2f}\n{cm.table(data.CLASS_NAMES)}", flush=True)
+        cm = evaluate(model, loader, device, num_classes, **kw)
+        results[split] = {"miou": cm.miou(), "iou": dict(zip(class_names, cm.iou().tolist()))}
+        print(f"\n{split}: mIoU {100 * cm.miou():.2f}\n{cm.table(class_names)}", flush=True)
         pictures.append((f"{split}: image / ground truth / prediction", sample_pictures(model, dataset, device, kw)))
-    if args.corruptions != []:
+    if args.corruptions != [] and val_set is not None:
         corr = evaluate_corruptions(model, val_set, device, args.corruptions, tuple(args.severities),
-                                    data.NUM_CLASSES, args.eval_batch_size, args.max_eval_images, **kw)
+                                    num_classes, args.eval_batch_size, args.max_eval_images, **kw)
         results["corruptions"] = corr
         print(corruption_table(corr), flush=True)
         name = next(iter(corr["miou"]))
@@ -1431,15 +1744,15 @@ def evaluate_all(model, args, run, val_set, target_set, ood_set):
     if ood_set is not None:
         ood = evaluate_ood(model, eval_loader(ood_set, args.eval_batch_size, args.max_eval_images), device, **kw)
         results["ood"] = ood
-        print("\nOOD detection (pixels; OOD = positive)\n| score | AUROC | AUPR | FPR95 |\n|---|---:|---:|---:|")
+        print("\nOOD detection (pixels; OOD = positive): pooled over the split | mean over images\n"
+              "| score | AUROC | AUPR | FPR95 | AUROC/img | AUPR/img | FPR95/img |\n|---|---:|---:|---:|---:|---:|---:|")
         for kind, m in ood.items():
-            print(f"| {kind} | {100 * m['auroc']:.2f} | {100 * m['aupr']:.2f} | {100 * m['fpr95']:.2f} |", flush=True)
+            i = m["per_image"]
+            print(f"| {kind} | {100 * m['auroc']:.2f} | {100 * m['aupr']:.2f} | {100 * m['fpr95']:.2f} | "
+                  f"{100 * i['auroc']:.2f} | {100 * i['aupr']:.2f} | {100 * i['fpr95']:.2f} |", flush=True)
         pictures.append(("outlier split: image / ground truth / prediction",
                          sample_pictures(model, ood_set, device, kw)))
-    (run.dir / "results.json").write_text(json.dumps(results, indent=2))
-    run.write_index(f"segment.py: {args.model} on {args.dataset}", pictures)
-    print(f"\nresults: {run.dir / 'results.json'}, pictures: {run.dir / 'index.html'}", flush=True)
-    return results
+    return results, pictures
 
 
 def corruption_table(corr):

@@ -326,3 +326,86 @@ def test_write_section_replaces_only_its_own_markers(tmp_path):
     page.write_text(text.replace("<!-- end ash -->", ""))
     with pytest.raises(data.BadInput, match="markers"):
         segment.write_section(page, "ash", "x")
+
+
+# --- issue 16: mean teacher that trains, resume on a GPU, run hygiene -------------------------------
+
+def test_pseudo_label_loss_is_weighted_by_the_confident_fraction_and_zero_without_confident_pixels():
+    logits = torch.randn(2, 3, 4, 4)
+    pseudo = torch.full((2, 4, 4), 255)
+    assert segment.pseudo_label_loss(logits, pseudo).item() == 0.0  # not NaN
+    pseudo[0, :2] = 1  # 8 of 32 pixels confident
+    mean_confident = torch.nn.functional.cross_entropy(logits, pseudo, ignore_index=255)
+    assert segment.pseudo_label_loss(logits, pseudo).item() == pytest.approx(mean_confident.item() * 8 / 32, rel=1e-6)
+
+
+def test_mean_teacher_with_the_default_threshold_trains_and_eval_teacher_reports_both(toycity, tmp_path):
+    data.make_toycity(tmp_path / "generated", 4, size=(64, 128), domain="target", split="train", seed=5)
+    (tmp_path / "generated" / "manifest.json").write_text(json.dumps({"generator": "test"}))
+    args = train_args(toycity, tmp_path, "mt9", "--steps", "3", "--batch-size", "2", "--size", "32", "64",
+                      "--generated", str(tmp_path / "generated"), "--mean-teacher", "--eval-teacher",
+                      "--max-eval-images", "1")
+    assert args.pseudo_threshold == 0.9  # the default, which a fresh teacher never reaches
+    model, results = segment.train_segmenter(args)
+    rows = [json.loads(r) for r in (tmp_path / "mt9" / "log.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(r["loss_pseudo"] == 0.0 and r["pseudo_fraction"] == 0.0 for r in rows)
+    assert all(r["loss"] == pytest.approx(r["loss_sup"]) for r in rows)
+    assert set(results["teacher"]) == set(results) - {"teacher"} and "val" in results["teacher"]
+    assert 0.0 <= results["teacher"]["val"]["miou"] <= 1.0 and "ood" in results["teacher"]
+    with pytest.raises(data.UserError, match="--mean-teacher"):
+        segment.train_segmenter(train_args(toycity, tmp_path, "x", "--eval-teacher", "--no-eval"))
+
+
+def test_restore_moves_modules_before_loading_optimizer_state(tmp_path):
+    run = segment.Run(segment.parse_args(["--out", str(tmp_path), "--name", "r", "--device", "cpu"]))
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net(torch.rand(2, 3, 8, 8)).sum().backward()
+    opt.step()
+    state = {"step": 7, "model": net.state_dict(), "optimizer": opt.state_dict()}
+    fresh = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
+    run.device = torch.device("meta")  # a second device: a CPU-only test still sees where state lands
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)  # keep Parameter objects across .to(), as CUDA does
+    try:
+        assert run.restore(state, {"model": fresh}, {"optimizer": fresh_opt}) == 7
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    devices = [(buf.device, p.device) for p in fresh.parameters() for buf in fresh_opt.state[p].values()
+               if torch.is_tensor(buf)]
+    assert devices and all(d == torch.device("meta") and d == q for d, q in devices)
+
+
+def test_update_scaler_reports_a_step_skipped_for_an_inf_gradient(tmp_path):
+    run = segment.Run(segment.parse_args(["--out", str(tmp_path), "--name", "s", "--device", "cpu", "--amp", "fp16"]))
+    net = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for injected, expected in ((float("inf"), False), (1.0, True)):
+        before = net.weight.detach().clone()
+        opt.zero_grad()
+        run.scaler.scale(net(torch.tensor([[1.0, injected]])).sum()).backward()
+        run.scaler.step(opt)
+        assert run.update_scaler() is expected
+        assert torch.equal(net.weight, before) is not expected
+
+
+def test_resume_auto_without_a_checkpoint_starts_a_fresh_log_and_checkpoints_are_fsynced(tmp_path, monkeypatch):
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "log.jsonl").write_text('{"step": 1, "loss": 9}\n')
+    run = segment.Run(segment.parse_args(["--out", str(tmp_path), "--name", "f", "--device", "cpu", "--resume", "auto"]))
+    assert not (tmp_path / "f" / "log.jsonl").exists()
+    calls = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append(("fsync", os.path.isdir(f"/proc/self/fd/{fd}"))) or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: calls.append(("replace", None)) or replace(a, b))
+    run.save({"step": 1})
+    assert calls == [("fsync", False), ("replace", None), ("fsync", True)]  # file, rename, folder
+
+
+def test_global_batch_size_is_divided_among_processes_and_stated_first(toycity, tmp_path, capsys):
+    args = train_args(toycity, tmp_path, "gb", "--steps", "1", "--global-batch-size", "2", "--size", "32", "64",
+                      "--no-eval")
+    segment.train_segmenter(args)
+    assert args.batch_size == 2
+    assert capsys.readouterr().out.splitlines()[0].endswith("effective batch 2 = 2 per process x 1 process")
