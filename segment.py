@@ -1152,6 +1152,213 @@ def build_model(name, num_classes=19, pretrained=None, **kwargs):
     return SegFormer(size, num_classes, pretrained=pretrained, **kwargs)
 
 
+# --- The papers' fixed evaluators (Robusta Table A5, C.1.2: the SPADE / OASIS protocol) -----------
+# Each loads its published checkpoint strictly (parameter names of the reference, or a documented
+# key conversion), takes RGB in [0, 1], normalises its input as it was trained, and returns logits
+# at the input size. `load_evaluator(name, path)` is the entry point.
+
+EVALUATORS = ("drn-d-105", "upernet-101", "deeplabv2-cocostuff") + tuple(f"segformer-b{i}" for i in range(6))
+DRN_MEAN, DRN_STD = (0.290101, 0.328081, 0.286964), (0.182954, 0.186566, 0.184475)  # fyu/drn Cityscapes info.json
+KAZUTO_MEAN_BGR = (104.008, 116.669, 122.675)  # kazuto1011/deeplab-pytorch configs/cocostuff164k.yaml
+
+
+def drn_conv(cin, cout, kernel=3, stride=1, dilation=1):
+    """conv - BN - ReLU, DRN-D's plain layers (layer0, 1, 2, 7, 8)."""
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, dilation * (kernel // 2), dilation, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+def drn_bottlenecks(inplanes, planes, blocks, stride=1, dilation=1):
+    """A DRN residual layer: torchvision-style bottlenecks, every block at `dilation` (DRN-D's layers 5, 6
+    use the level's dilation from their first block)."""
+    downsample = None
+    if stride != 1 or inplanes != planes * 4:
+        downsample = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4))
+    return nn.Sequential(Bottleneck(inplanes, planes, stride, downsample, dilation),
+                         *[Bottleneck(planes * 4, planes, dilation=dilation) for _ in range(1, blocks)])
+
+
+class DRNSeg(nn.Module):
+    """DRN-D-105 (Yu et al., CVPR 2017) as fyu/drn's `DRNSeg`: `base` = the DRN's layer0..layer8 (output
+    stride 8; layers 5 / 6 dilated 2 / 4, layers 7 / 8 plain convs dilated 2 / 1), `seg` a 1x1
+    classifier, `up` a fixed bilinear ConvTranspose (x8, per class). Robusta Table A5's Cityscapes evaluator."""
+
+    def __init__(self, num_classes=19):
+        super().__init__()
+        self.normalize = Normalize(DRN_MEAN, DRN_STD)
+        self.base = nn.Sequential(
+            drn_conv(3, 16, 7), drn_conv(16, 16), drn_conv(16, 32, stride=2),      # layer0, layer1, layer2
+            drn_bottlenecks(32, 64, 3, stride=2), drn_bottlenecks(256, 128, 4, stride=2),   # layer3, layer4
+            drn_bottlenecks(512, 256, 23, dilation=2), drn_bottlenecks(1024, 512, 3, dilation=4),  # layer5, 6
+            drn_conv(2048, 512, dilation=2), drn_conv(512, 512))                    # layer7, layer8
+        self.seg = nn.Conv2d(512, num_classes, 1)
+        self.up = nn.ConvTranspose2d(num_classes, num_classes, 16, 8, 4, groups=num_classes, bias=False)
+        with torch.no_grad():  # bilinear kernel (fyu/drn's fill_up_weights), not trained
+            t = 1 - (torch.arange(16) / 8 - 15 / 16).abs()
+            self.up.weight.copy_((t[:, None] * t[None, :]).expand_as(self.up.weight))
+        self.up.weight.requires_grad_(False)
+
+    def forward(self, x):
+        y = self.up(self.seg(self.base(self.normalize(x))))  # (N, C, 8 ceil(H/8), 8 ceil(W/8))
+        return y if y.shape[-2:] == x.shape[-2:] else upsample(y, x.shape[-2:])
+
+
+class DeepStemResNet(ResNet):
+    """The ResNet of CSAILVision/semantic-segmentation-pytorch: a deep stem of three 3x3 convs (64, 64,
+    128; conv1..conv3, bn1..bn3) instead of the 7x7, then torchvision's layer1..layer4 (no dilation)."""
+
+    def __init__(self, depth=101):
+        nn.Module.__init__(self)
+        block, layers = RESNET_LAYERS[depth]
+        self.inplanes, self.dilation = 128, 1
+        self.conv1, self.bn1 = nn.Conv2d(3, 64, 3, 2, 1, bias=False), nn.BatchNorm2d(64)
+        self.conv2, self.bn2 = nn.Conv2d(64, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64)
+        self.conv3, self.bn3 = nn.Conv2d(64, 128, 3, 1, 1, bias=False), nn.BatchNorm2d(128)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.layer1 = self._make_layer(block, 64, layers[0])
+        self.layer2 = self._make_layer(block, 128, layers[1], 2)
+        self.layer3 = self._make_layer(block, 256, layers[2], 2)
+        self.layer4 = self._make_layer(block, 512, layers[3], 2)
+        self.channels = [256, 512, 1024, 2048]
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.relu(self.bn2(self.conv2(x)))
+        x = self.maxpool(self.relu(self.bn3(self.conv3(x))))
+        c1 = self.layer1(x)
+        c2 = self.layer2(c1)
+        c3 = self.layer3(c2)
+        return [c1, c2, c3, self.layer4(c3)]
+
+
+def conv3x3_bn_relu(cin, cout):
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class UPerNetHead(nn.Module):
+    """UPerNet's decoder (Xiao et al., ECCV 2018) with CSAILVision's names: pyramid pooling on the last
+    stage (pool 1/2/3/6, upsample, 1x1 conv to 512: `ppm_conv`; `ppm_last_conv`), an FPN top-down
+    path (`fpn_in` laterals, `fpn_out` 3x3 convs), fusion of all levels at 1/4 (`conv_last`)."""
+
+    def __init__(self, num_classes=150, fc_dim=2048, fpn_inplanes=(256, 512, 1024, 2048), fpn_dim=512,
+                 pool_scales=(1, 2, 3, 6)):
+        super().__init__()
+        self.pool_scales = pool_scales
+        self.ppm_conv = nn.ModuleList(nn.Sequential(nn.Conv2d(fc_dim, 512, 1, bias=False), nn.BatchNorm2d(512),
+                                                    nn.ReLU(inplace=True)) for _ in pool_scales)
+        self.ppm_last_conv = conv3x3_bn_relu(fc_dim + len(pool_scales) * 512, fpn_dim)
+        self.fpn_in = nn.ModuleList(nn.Sequential(nn.Conv2d(c, fpn_dim, 1, bias=False), nn.BatchNorm2d(fpn_dim),
+                                                  nn.ReLU(inplace=True)) for c in fpn_inplanes[:-1])
+        self.fpn_out = nn.ModuleList(nn.Sequential(conv3x3_bn_relu(fpn_dim, fpn_dim)) for _ in fpn_inplanes[:-1])
+        self.conv_last = nn.Sequential(conv3x3_bn_relu(len(fpn_inplanes) * fpn_dim, fpn_dim),
+                                       nn.Conv2d(fpn_dim, num_classes, 1))
+
+    def forward(self, feats):
+        c5 = feats[-1]
+        ppm = [c5] + [conv(upsample(F.adaptive_avg_pool2d(c5, s), c5.shape[-2:]))
+                      for s, conv in zip(self.pool_scales, self.ppm_conv)]
+        f = self.ppm_last_conv(torch.cat(ppm, 1))
+        levels = [f]
+        for i in reversed(range(len(feats) - 1)):  # top-down: lateral + upsampled coarser level
+            f = self.fpn_in[i](feats[i]) + upsample(f, feats[i].shape[-2:])
+            levels.insert(0, self.fpn_out[i](f))
+        size = levels[0].shape[-2:]
+        return self.conv_last(torch.cat([levels[0]] + [upsample(l, size) for l in levels[1:]], 1))  # (N, C, H/4, W/4)
+
+
+class UPerNet(nn.Module):
+    """UPerNet-101 of CSAILVision (config ade20k-resnet101-upernet): `encoder` (DeepStemResNet-101) and
+    `decoder` (UPerNetHead), loaded from encoder_epoch_50.pth / decoder_epoch_50.pth. Robusta Table A5's
+    ADE20K evaluator; ImageNet mean / std input."""
+
+    def __init__(self, num_classes=150):
+        super().__init__()
+        self.normalize = Normalize()
+        self.encoder = DeepStemResNet(101)
+        self.decoder = UPerNetHead(num_classes)
+
+    def forward(self, x):
+        return upsample(self.decoder(self.encoder(self.normalize(x))), x.shape[-2:])
+
+
+def kazuto_to_caffe_deeplabv2(state):
+    """kazuto1011/deeplab-pytorch DeepLabV2 keys -> `DeepLabV2(style="caffe")` keys: layer1.conv1.{conv,bn}
+    -> backbone.{conv1,bn1}; layer<k>.block<j>.{reduce,conv3x3,increase,shortcut}.{conv,bn} ->
+    backbone.layer<k-1>.<j-1>.{conv1/bn1, conv2/bn2, conv3/bn3, downsample.0/1}; aspp.c<i> ->
+    layer5.conv2d_list.<i>. The MSC wrapper's `base.` (and DataParallel's `module.`) are dropped."""
+    parts = {"reduce": ("conv1", "bn1"), "conv3x3": ("conv2", "bn2"), "increase": ("conv3", "bn3"),
+             "shortcut": ("downsample.0", "downsample.1")}
+    out = {}
+    for key, value in state.items():
+        for prefix in ("module.", "base."):
+            key = key[len(prefix):] if key.startswith(prefix) else key
+        k = key.split(".")
+        if k[0] == "aspp":
+            new = f"layer5.conv2d_list.{k[1][1:]}.{k[2]}"
+        elif k[0] == "layer1":
+            new = f"backbone.{'conv1' if k[2] == 'conv' else 'bn1'}.{k[3]}"
+        else:
+            conv, bn = parts[k[2]]
+            new = f"backbone.layer{int(k[0][5:]) - 1}.{int(k[1][5:]) - 1}.{conv if k[3] == 'conv' else bn}.{k[4]}"
+        out[new] = value
+    return out
+
+
+def mmseg_to_segformer(state):
+    """NVlabs / mmseg SegFormer checkpoint keys -> `SegFormer` keys: backbone.* -> encoder.*; decode_head.*
+    kept (linear_c1..4.proj, linear_fuse.conv / .bn, linear_pred). The mmseg base head's `conv_seg` is
+    the classifier where there is no `linear_pred` (mmsegmentation), else unused (NVlabs) and dropped."""
+    out = {}
+    has_pred = any(k.startswith("decode_head.linear_pred.") for k in state)
+    for key, value in state.items():
+        if key.startswith("backbone."):
+            out["encoder." + key[len("backbone."):]] = value
+        elif key.startswith("decode_head.conv_seg."):
+            if not has_pred:
+                out["decode_head.linear_pred." + key.split(".")[-1]] = value
+        elif key.startswith("decode_head."):
+            out[key] = value
+    return out
+
+
+def load_evaluator(name, path, num_classes=None):
+    """A fixed pretrained segmenter (Robusta Table A5 / ASH's baselines) in eval mode, from its published
+    checkpoint: forward(RGB in [0, 1], (B, 3, H, W)) -> logits (B, C, H, W); it normalises its input.
+
+    name in EVALUATORS: "drn-d-105" (fyu/drn, Cityscapes), "upernet-101" (CSAILVision, ADE20K; `path` is
+    the folder with encoder_epoch_*.pth and decoder_epoch_*.pth), "deeplabv2-cocostuff" (kazuto1011,
+    COCO-Stuff 164k, single scale), "segformer-b0".."b5" (NVlabs / mmseg full checkpoints). The class
+    count is read from the checkpoint unless `num_classes` is given. A missing file raises
+    data.MissingFile naming the path and where the file is published."""
+    if name not in EVALUATORS:
+        raise data.BadInput(f"unknown evaluator {name!r}; choose from {EVALUATORS}")
+    path = Path(path)
+    if name == "upernet-101":
+        files = {part: sorted(path.glob(f"{part}_epoch_*.pth")) if path.is_dir() else [] for part in ("encoder", "decoder")}
+        for part, found in files.items():
+            if not found:
+                raise data.MissingFile(f"upernet-101: no {part}_epoch_*.pth in {path}; published at {PUBLISHED[name]}")
+        encoder = read_checkpoint(files["encoder"][-1], name)
+        decoder = read_checkpoint(files["decoder"][-1], name)
+        model = UPerNet(num_classes or decoder["conv_last.1.weight"].shape[0])
+        load_strict(model.encoder, encoder, files["encoder"][-1])
+        load_strict(model.decoder, decoder, files["decoder"][-1])
+        return model.eval()
+    state = read_checkpoint(path, name)
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    if name == "drn-d-105":
+        model = DRNSeg(num_classes or state["seg.weight"].shape[0])
+    elif name == "deeplabv2-cocostuff":
+        state = kazuto_to_caffe_deeplabv2(state)
+        model = DeepLabV2(num_classes or state["layer5.conv2d_list.0.weight"].shape[0], 101, style="caffe")
+        model.normalize = CaffeNormalize(KAZUTO_MEAN_BGR)
+    else:
+        state = mmseg_to_segformer(state)
+        model = SegFormer(name.split("-")[1], num_classes or state["decode_head.linear_pred.weight"].shape[0])
+    return load_strict(model, state, path).eval()
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. Training: datasets, the mean teacher of Robusta F.1, Table A4 presets, the loop
 # ---------------------------------------------------------------------------------------------

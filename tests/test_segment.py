@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
+import metrics  # noqa: E402
 import segment  # noqa: E402
 
 
@@ -409,3 +410,253 @@ def test_global_batch_size_is_divided_among_processes_and_stated_first(toycity, 
     segment.train_segmenter(args)
     assert args.batch_size == 2
     assert capsys.readouterr().out.splitlines()[0].endswith("effective batch 2 = 2 per process x 1 process")
+
+
+# --- issue 16: StreetHazards and BDD-Anomaly as their benchmark scores them; issue 19: GTA5 as downloaded ---
+
+def small_args(dataset, root, out, name, *extra):
+    return segment.parse_args(["--dataset", dataset, "--data-root", str(root), "--model", "deeplabv3plus-r18",
+                               "--output-stride", "16", "--size", "32", "64", "--train-minutes", "0", "--batch-size",
+                               "2", "--workers", "0", "--out", str(out), "--name", name, "--device", "cpu",
+                               "--corruptions", "--steps", "2", "--log-every", "1", *extra])
+
+
+def write_pair(image_path, label_path, label):
+    data.write_image(image_path, torch.rand(3, *label.shape))
+    data.write_label(label_path, label)
+
+
+def test_streethazards_protocol_13_classes_anomaly_positive_everywhere_else_negative(tmp_path):
+    label = torch.arange(32 * 64).reshape(32, 64) % 13 + 1  # PNG values 1..13: the 13 classes
+    label[:8, :8] = 14  # the anomaly
+    for part, sub in (("train", "training"), ("train", "validation"), ("test", "test")):
+        for i in range(2):
+            write_pair(tmp_path / part / "images" / sub / "t1" / f"{i}.png",
+                       tmp_path / part / "annotations" / sub / "t1" / f"{i}.png", label)
+    sample = segment.StreetHazardsBenchmark(tmp_path, "test")[0]
+    assert torch.equal(sample["labels"][8:], label[8:] - 1) and (sample["labels"][:8, :8] == 255).all()
+    assert torch.equal(sample["anomaly"], (label == 14).to(torch.uint8))  # no void: every other pixel negative
+    model, results = segment.train_segmenter(small_args("streethazards", tmp_path, tmp_path, "sh"))
+    assert model.classifier.out_channels == 13 and len(results["val"]["iou"]) == 13
+    assert results["ood"]["msp"]["per_image"]["images"] == 2 and "auroc" in results["ood"]["msp"]
+
+
+def test_ood_metrics_per_image_mean_and_pooled_differ_as_the_benchmark_says():
+    class ScoreFromImage(torch.nn.Module):  # max logit = 10 * channel 0, so the score is -10 * channel 0
+        def forward(self, x):
+            return torch.cat([10 * x[:, :1], torch.zeros_like(x[:, :1])], 1)
+
+    anomaly = torch.zeros(3, 2, 2, dtype=torch.uint8)
+    anomaly[:, 0] = 1
+    anomaly[2] = 0  # no OOD pixel: no per-image figure, still pooled
+    image = torch.zeros(3, 3, 2, 2)
+    image[0, 0], image[1, 0], image[2, 0] = 0.5, 0.3, 0.9
+    image[0, 0, 0], image[1, 0, 0] = 0.4, 0.2  # OOD scores above ID within each image, not across images
+    results = segment.evaluate_ood(ScoreFromImage(), [{"image": image, "anomaly": anomaly}], "cpu", kinds=("maxlogit",))
+    m = results["maxlogit"]
+    assert m["per_image"]["auroc"] == pytest.approx(1.0) and m["per_image"]["images"] == 2
+    assert m["auroc"] == pytest.approx(metrics.auroc(-10 * image[:, 0], anomaly)) and m["auroc"] < 0.9
+
+
+def test_bdd_anomaly_split_drops_training_images_with_train_or_motorcycle_and_scores_them_in_val(tmp_path):
+    base = torch.arange(32 * 64).reshape(32, 64) % 16  # trainIds 0..15
+    with_moto = base.clone()
+    with_moto[:4, :4] = 17
+    with_train = base.clone()
+    with_train[-4:, -4:] = 16
+    with_train[0, -1] = 18  # bicycle -> class 16 of 17
+    with_train[1, -1] = 255
+    for split in ("train", "val"):
+        for name, label in (("a", base), ("b", with_moto), ("c", with_train)):
+            label = with_train.clone().masked_fill(with_train == 16, 0) if split == "train" and name == "c" else label
+            write_pair(tmp_path / "images" / "10k" / split / f"{name}.jpg",
+                       tmp_path / "labels" / "sem_seg" / "masks" / split / f"{name}.png", label)
+    train = segment.BDDAnomaly(tmp_path, "train")
+    assert sorted(s["name"] for s in train.samples) == ["a", "c"]  # b holds a motorcycle
+    assert train[1]["labels"][0, -1] == 16 and train[1]["labels"].max() == 255
+    val = segment.BDDAnomaly(tmp_path, "val")
+    c = val[2]
+    assert (c["anomaly"][-4:, -4:] == 1).all() and c["anomaly"][1, -1] == 255 and c["anomaly"][5, 5] == 0
+    assert (val[1]["anomaly"] == 1).sum() == 16 and (val[0]["anomaly"] == 1).sum() == 0
+    model, results = segment.train_segmenter(small_args("bdd-anomaly", tmp_path, tmp_path, "bdd"))
+    assert model.classifier.out_channels == 17 and "val" not in results  # val is the OOD set
+    assert results["ood"]["msp"]["per_image"]["images"] == 2
+    ood_args = small_args("bdd-anomaly", tmp_path, tmp_path, "bdd2", "--ood-dataset", "bdd-anomaly",
+                          "--ood-root", str(tmp_path), "--no-eval")
+    assert ood_args.ood_dataset == "bdd-anomaly"
+
+
+def test_gta5_without_split_files_trains_on_every_image_and_skips_source_evaluation(tmp_path, capsys):
+    # (the Cityscapes preset's 768 x 768 crop is replaced by a crop that fits the tiny images)
+    label = torch.tensor([7, 8, 11, 21, 23, 26]).repeat_interleave(11)[:64].repeat(32, 1)  # Cityscapes ids
+    for i in range(1, 5):
+        write_pair(tmp_path / "gta" / "images" / f"{i:05d}.png", tmp_path / "gta" / "labels" / f"{i:05d}.png", label)
+    model, results = segment.train_segmenter(small_args("gta5", tmp_path / "gta", tmp_path, "gta", "--crop", "32", "64"))
+    assert "no val split" in capsys.readouterr().out and results == {}
+    rows = (tmp_path / "gta" / "log.jsonl").read_text().splitlines()
+    assert len(rows) == 2
+    segment.train_segmenter(small_args("gta5", tmp_path / "gta", tmp_path, "gta-ne", "--no-eval", "--crop", "32", "64"))
+    (tmp_path / "two.txt").write_text("00001\n00002\n")
+    args = small_args("gta5", tmp_path / "gta", tmp_path, "gta-sf", "--no-eval", "--split-file", str(tmp_path / "two.txt"))
+    train, *_ = segment.dataset_roots(args)
+    assert sorted(s["name"] for s in train.samples) == ["00001", "00002"]
+
+
+# --- issue 18: the papers' evaluators and ASH's initialisation, loaded strictly -------------------
+# Reference key lists are derived here from the reference repositories' model code (names, shapes),
+# independently of segment.py; each tensor is a 0-stride view of one distinct value, so the files stay tiny
+# and a test can tell where each tensor went.
+
+def bn_keys(prefix, c, tracked=False):
+    return {f"{prefix}.{n}": (c,) for n in ("weight", "bias", "running_mean", "running_var")} | (
+        {f"{prefix}.num_batches_tracked": ()} if tracked else {})
+
+
+def bottleneck_layer_keys(prefix, inplanes, planes, blocks):
+    """torchvision / DRN / AdaptSegNet / CSAIL bottleneck names: conv1..3, bn1..3, downsample.0/1 in block 0."""
+    keys = {}
+    for b in range(blocks):
+        cin = inplanes if b == 0 else planes * 4
+        keys |= {f"{prefix}.{b}.conv1.weight": (planes, cin, 1, 1), f"{prefix}.{b}.conv2.weight": (planes, planes, 3, 3),
+                 f"{prefix}.{b}.conv3.weight": (planes * 4, planes, 1, 1)}
+        keys |= bn_keys(f"{prefix}.{b}.bn1", planes) | bn_keys(f"{prefix}.{b}.bn2", planes) | bn_keys(
+            f"{prefix}.{b}.bn3", planes * 4)
+        if b == 0:
+            keys |= {f"{prefix}.0.downsample.0.weight": (planes * 4, inplanes, 1, 1)} | bn_keys(
+                f"{prefix}.0.downsample.1", planes * 4)
+    return keys
+
+
+def resnet101_stages(prefix, inplanes=64):
+    keys, cin = {}, inplanes
+    for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 23, 3))):
+        keys |= bottleneck_layer_keys(f"{prefix}layer{i + 1}", cin, planes, blocks)
+        cin = planes * 4
+    return keys
+
+
+def save_reference(path, shapes):
+    """A checkpoint with exactly these keys and shapes; tensor i holds the value i (a 0-stride view)."""
+    state = {k: torch.full((1,), float(i)).expand(s) if s else torch.tensor(i) for i, (k, s) in enumerate(shapes.items())}
+    torch.save(state, path)
+    return {k: i for i, k in enumerate(shapes)}
+
+
+def test_drn_d_105_loads_fyu_drn_keys_strictly_and_has_the_published_54_8m_parameters(tmp_path):
+    keys = {"base.0.0.weight": (16, 3, 7, 7)} | bn_keys("base.0.1", 16) | {"base.1.0.weight": (16, 16, 3, 3)} | bn_keys(
+        "base.1.1", 16) | {"base.2.0.weight": (32, 16, 3, 3)} | bn_keys("base.2.1", 32)
+    for i, (cin, planes, blocks) in enumerate([(32, 64, 3), (256, 128, 4), (512, 256, 23), (1024, 512, 3)]):
+        keys |= bottleneck_layer_keys(f"base.{i + 3}", cin, planes, blocks)
+    keys |= {"base.7.0.weight": (512, 2048, 3, 3)} | bn_keys("base.7.1", 512) | {"base.8.0.weight": (512, 512, 3, 3)}
+    keys |= bn_keys("base.8.1", 512) | {"seg.weight": (19, 512, 1, 1), "seg.bias": (19,), "up.weight": (19, 1, 16, 16)}
+    values = save_reference(tmp_path / "drn_d_105_cityscapes.pth", keys)
+    model = segment.load_evaluator("drn-d-105", tmp_path / "drn_d_105_cityscapes.pth")
+    assert not model.training and (model.base[5][0].conv2.weight == values["base.5.0.conv2.weight"]).all()
+    assert model.base[5][0].conv2.dilation == (2, 2) and model.base[4][0].conv2.stride == (2, 2)
+    # fyu/drn README: DRN-D-105, 54.8 M parameters (the ImageNet model: the base + a 1x1 conv 512 -> 1000)
+    count = (sum(p.numel() for p in model.base.parameters()) + 512 * 1000 + 1000) / 1e6
+    print(f"DRN-D-105: {count:.3f} M parameters (published 54.8 M)")
+    assert round(count, 1) == 54.8
+    x = torch.rand(1, 3, 20, 28)
+    with torch.no_grad():
+        assert model(x).shape == (1, 19, 20, 28)
+    with pytest.raises(data.MissingFile, match="go.yf.io"):
+        segment.load_evaluator("drn-d-105", tmp_path / "missing.pth")
+
+
+def test_upernet_101_loads_csail_encoder_and_decoder_strictly(tmp_path):
+    encoder = {"conv1.weight": (64, 3, 3, 3)} | bn_keys("bn1", 64) | {"conv2.weight": (64, 64, 3, 3)} | bn_keys(
+        "bn2", 64) | {"conv3.weight": (128, 64, 3, 3)} | bn_keys("bn3", 128) | resnet101_stages("", inplanes=128)
+    decoder = {}
+    for i in range(4):
+        decoder |= {f"ppm_conv.{i}.0.weight": (512, 2048, 1, 1)} | bn_keys(f"ppm_conv.{i}.1", 512)
+    decoder |= {"ppm_last_conv.0.weight": (512, 2048 + 4 * 512, 3, 3)} | bn_keys("ppm_last_conv.1", 512)
+    for i, c in enumerate((256, 512, 1024)):
+        decoder |= {f"fpn_in.{i}.0.weight": (512, c, 1, 1)} | bn_keys(f"fpn_in.{i}.1", 512)
+        decoder |= {f"fpn_out.{i}.0.0.weight": (512, 512, 3, 3)} | bn_keys(f"fpn_out.{i}.0.1", 512)
+    decoder |= {"conv_last.0.0.weight": (512, 4 * 512, 3, 3)} | bn_keys("conv_last.0.1", 512)
+    decoder |= {"conv_last.1.weight": (150, 512, 1, 1), "conv_last.1.bias": (150,)}
+    save_reference(tmp_path / "encoder_epoch_50.pth", encoder)
+    values = save_reference(tmp_path / "decoder_epoch_50.pth", decoder)
+    model = segment.load_evaluator("upernet-101", tmp_path)
+    assert (model.decoder.conv_last[1].bias == values["conv_last.1.bias"]).all()
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 33, 47)).shape == (1, 150, 33, 47)
+    with pytest.raises(data.MissingFile, match="sceneparsing.csail.mit.edu"):
+        segment.load_evaluator("upernet-101", tmp_path / "nothing")
+
+
+def caffe_deeplabv2_keys(prefix, num_classes):
+    """AdaptSegNet's deeplab.py names (torchvision-like, bottleneck stride in conv1) under `prefix`."""
+    keys = {f"{prefix}conv1.weight": (64, 3, 7, 7)} | bn_keys(f"{prefix}bn1", 64) | resnet101_stages(prefix)
+    for i in range(4):
+        keys |= {f"{prefix}layer5.conv2d_list.{i}.weight": (num_classes, 2048, 3, 3),
+                 f"{prefix}layer5.conv2d_list.{i}.bias": (num_classes,)}
+    return keys
+
+
+def test_caffe_deeplabv2_is_clans_form_and_loads_adaptsegnet_init(tmp_path):
+    values = save_reference(tmp_path / "init.pth", caffe_deeplabv2_keys("Scale.", 19))
+    model = segment.DeepLabV2(19, depth=101, style="caffe", pretrained=tmp_path / "init.pth")
+    b = model.backbone
+    assert [blk.conv2.dilation[0] for blk in b.layer3] == [2] * 23 and [blk.conv2.dilation[0] for blk in b.layer4] == [4] * 3
+    assert b.layer2[0].conv1.stride == (2, 2) and b.layer2[0].conv2.stride == (1, 1) and b.maxpool.ceil_mode
+    assert (model.layer5.conv2d_list[3].bias == values["Scale.layer5.conv2d_list.3.bias"]).all()
+    assert (b.layer3[22].bn3.running_var == values["Scale.layer3.22.bn3.running_var"]).all()
+    bn_params = [p for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()]
+    assert bn_params and not any(p.requires_grad for p in bn_params)  # BatchNorm frozen
+    trained = {id(p) for g in model.param_groups(1.0) for p in g["params"]}
+    assert not trained & {id(p) for p in bn_params}
+    fresh = segment.DeepLabV2(3, depth=50, style="caffe")
+    x = torch.rand(2, 3, 41, 41)
+    with torch.no_grad():
+        assert torch.equal(fresh.train()(x), fresh.eval()(x))  # frozen statistics in train mode too
+        assert fresh.backbone(fresh.normalize(x))[3].shape[-1] == 6  # output stride 8 (ceil-mode pooling)
+    save_reference(tmp_path / "init21.pth", caffe_deeplabv2_keys("Scale.", 21))  # COCO classifier: skipped
+    other = segment.DeepLabV2(19, depth=101, style="caffe", pretrained=tmp_path / "init21.pth")
+    assert other.layer5.conv2d_list[0].weight.std() < 0.1 and (other.backbone.conv1.weight == 0).all()
+    with pytest.raises(data.MissingFile, match="AdaptSegNet"):
+        segment.DeepLabV2(19, style="caffe", pretrained=tmp_path / "missing.pth")
+
+
+def test_deeplabv2_cocostuff_loads_kazuto1011_keys_strictly(tmp_path):
+    keys = {"base.layer1.conv1.conv.weight": (64, 3, 7, 7)} | bn_keys("base.layer1.conv1.bn", 64, tracked=True)
+    cin = 64
+    for k, (planes, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 23, 3))):
+        for j in range(blocks):
+            p = f"base.layer{k + 2}.block{j + 1}"
+            c = cin if j == 0 else planes * 4
+            for part, shape in (("reduce", (planes, c, 1, 1)), ("conv3x3", (planes, planes, 3, 3)),
+                                ("increase", (planes * 4, planes, 1, 1))) + ((("shortcut", (planes * 4, c, 1, 1)),) if j == 0 else ()):
+                keys |= {f"{p}.{part}.conv.weight": shape} | bn_keys(f"{p}.{part}.bn", shape[0], tracked=True)
+        cin = planes * 4
+    for i in range(4):
+        keys |= {f"base.aspp.c{i}.weight": (182, 2048, 3, 3), f"base.aspp.c{i}.bias": (182,)}
+    values = save_reference(tmp_path / "cocostuff.pth", keys)
+    model = segment.load_evaluator("deeplabv2-cocostuff", tmp_path / "cocostuff.pth")
+    assert (model.backbone.layer2[0].conv1.weight == values["base.layer3.block1.reduce.conv.weight"]).all()
+    assert model.backbone.layer2[0].conv1.stride == (2, 2)
+    assert (model.backbone.layer4[0].downsample[1].bias == values["base.layer5.block1.shortcut.bn.bias"]).all()
+    assert (model.layer5.conv2d_list[2].weight == values["base.aspp.c2.weight"]).all()
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 24, 24)).shape == (1, 182, 24, 24)
+
+
+def test_segformer_loads_mmseg_checkpoints_with_backbone_and_decode_head_keys(tmp_path):
+    encoder = segment.MixVisionTransformer("b0").state_dict()  # official mit_b0 names (tested above)
+    keys = {f"backbone.{k}": tuple(v.shape) for k, v in encoder.items()}
+    for i, c in enumerate((32, 64, 160, 256)):
+        keys |= {f"decode_head.linear_c{i + 1}.proj.weight": (256, c), f"decode_head.linear_c{i + 1}.proj.bias": (256,)}
+    keys |= {"decode_head.linear_fuse.conv.weight": (256, 1024, 1, 1)} | bn_keys("decode_head.linear_fuse.bn", 256, True)
+    keys |= {"decode_head.linear_pred.weight": (19, 256, 1, 1), "decode_head.linear_pred.bias": (19,),
+             "decode_head.conv_seg.weight": (19, 256, 1, 1), "decode_head.conv_seg.bias": (19,)}
+    values = save_reference(tmp_path / "segformer.b0.city.pth", keys)
+    model = segment.load_evaluator("segformer-b0", tmp_path / "segformer.b0.city.pth")
+    assert (model.decode_head.linear_pred.bias == values["decode_head.linear_pred.bias"]).all()
+    assert (model.encoder.block1[0].attn.q.weight == values["backbone.block1.0.attn.q.weight"]).all()
+    mmseg = {k: v for k, v in keys.items() if not k.startswith("decode_head.linear_pred")}  # conv_seg classifies
+    values = save_reference(tmp_path / "mmseg.pth", mmseg)
+    model = segment.load_evaluator("segformer-b0", tmp_path / "mmseg.pth")
+    assert (model.decode_head.linear_pred.weight == values["decode_head.conv_seg.weight"]).all()
+    assert set(segment.EVALUATORS) == {"drn-d-105", "upernet-101", "deeplabv2-cocostuff"} | {
+        f"segformer-b{i}" for i in range(6)}
