@@ -27,6 +27,7 @@ import argparse
 import base64
 import contextlib
 import copy
+import functools
 import io
 import json
 import math
@@ -187,7 +188,7 @@ class Run:
         sampler.skip = 0
         per_epoch = len(loader)
         if per_epoch == 0:
-            raise ValueError(f"the data loader yields no batch: {len(loader.dataset)} samples for batch size "
+            raise data.BadInput(f"the data loader yields no batch: {len(loader.dataset)} samples for batch size "
                              f"{loader.batch_size} x {self.world_size} processes")
         epoch, done = divmod(step, per_epoch)
         self._tick = (time.time(), step)  # the progress line's rate counts from here
@@ -419,7 +420,7 @@ class Experiment:
         self.state = json.loads(self.path.read_text()) if self.path.is_file() else {}
         settings = json.loads(json.dumps(settings))  # as stored: tuples become lists
         if self.state.get("settings", settings) != settings:
-            raise ValueError(f"{self.path} holds runs with other settings ({self.state['settings']}); "
+            raise data.BadInput(f"{self.path} holds runs with other settings ({self.state['settings']}); "
                              f"move it away or give another --out")
         self.state.update(settings=settings, title=title)
         self.state.setdefault("cells", {})
@@ -1031,7 +1032,7 @@ class MixVisionTransformer(nn.Module):
     def __init__(self, variant="b0", in_channels=3, drop_path_rate=0.1):
         super().__init__()
         if variant not in MIT:
-            raise ValueError(f"SegFormer variant must be one of {sorted(MIT)}, got {variant!r}")
+            raise data.BadInput(f"SegFormer variant must be one of {sorted(MIT)}, got {variant!r}")
         widths, depths = MIT[variant]
         self.channels = widths
         n = sum(depths)
@@ -1143,7 +1144,7 @@ def build_model(name, num_classes=19, pretrained=None, **kwargs):
     extra keyword arguments go to the class (e.g. output_stride, multi_level).
     """
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
+        raise data.BadInput(f"unknown model {name!r}; choose from {MODELS}")
     family, size = name.split("-")
     if family == "deeplabv2":
         return DeepLabV2(num_classes, int(size[1:]), pretrained=pretrained, **kwargs)
@@ -1370,7 +1371,7 @@ class GeneratedDataset(data.Cityscapes):
     def __init__(self, root, split="train", size=None, transform=None):
         manifest = Path(root) / "manifest.json"
         if not manifest.is_file():
-            raise FileNotFoundError(f"{manifest} not found: a generated dataset is the folder written by "
+            raise data.MissingFile(f"{manifest} not found: a generated dataset is the folder written by "
                                     f"robusta.py's generation (Cityscapes layout + manifest.json)")
         self.manifest = json.loads(manifest.read_text())
         super().__init__(root, split, size=size, transform=transform)
@@ -1800,7 +1801,7 @@ def load_weights(path):
     """A segmenter state_dict from a checkpoint of this file (key "model") or a bare state_dict."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"segmenter weights not found at {path} (a runs/<name>/last.pt of segment.py)")
+        raise data.MissingFile(f"segmenter weights not found at {path} (a runs/<name>/last.pt of segment.py)")
     state = torch.load(path, map_location="cpu", weights_only=True)
     return state.get("model", state)
 
@@ -1849,10 +1850,24 @@ def eval_loader(dataset, batch_size=2, max_images=None, workers=0):
                                        num_workers=workers)
 
 
+def in_eval_mode(fn):
+    """Run fn(model, ...) with the model in eval mode, and give it back in the mode it had (a training
+    loop that evaluates keeps training with dropout and batch statistics)."""
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kwargs):
+        was_training = model.training
+        model.eval()
+        try:
+            return fn(model, *args, **kwargs)
+        finally:
+            model.train(was_training)
+    return wrapper
+
+
+@in_eval_mode
 @torch.no_grad()
 def evaluate(model, loader, device, num_classes=19, **predict_kwargs):
     """One confusion matrix over the whole loader (Cityscapes convention) -> metrics.ConfusionMatrix."""
-    model.eval()
     cm = metrics.ConfusionMatrix(num_classes)
     for batch in loader:
         logits = predict(model, batch["image"].to(device), **predict_kwargs)
@@ -1893,13 +1908,13 @@ def evaluate_corruptions(model, dataset, device, corruptions=None, severities=(1
     return {"miou": table, "per_corruption": per, "mean": mean}
 
 
+@in_eval_mode
 @torch.no_grad()
 def evaluate_ood(model, loader, device, kinds=("msp", "entropy", "maxlogit"), **predict_kwargs):
     """Pixel-level OOD detection on a split with an "anomaly" map (1 = OOD, 0 = in-distribution, 255 = void):
     AUROC, AUPR, FPR95 for each anomaly score (max softmax probability, entropy, max logit), pooled
     over every pixel of the split, and under "per_image" their mean over the images that hold both
     OOD and in-distribution pixels (hendrycks/anomaly-seg's StreetHazards / BDD-Anomaly figures)."""
-    model.eval()
     meters = {kind: metrics.OODMeter() for kind in kinds}
     per_image = {kind: [] for kind in kinds}
     for batch in loader:
@@ -1925,10 +1940,10 @@ def evaluate_ood(model, loader, device, kinds=("msp", "entropy", "maxlogit"), **
     return results
 
 
+@in_eval_mode
 def evaluate_all(model, args, device, val_set, target_set, ood_set, class_names=data.CLASS_NAMES):
     """Everything the CLI reports: per-class IoU tables, corruptions, OOD -> (results, pictures), where
     pictures are index.html sections of (caption, image) rows."""
-    model.eval()
     kw = dict(mode=args.eval_mode, scales=tuple(args.scales), crop=tuple(args.eval_crop))
     num_classes = len(class_names)
     results, pictures = {}, []
@@ -1974,10 +1989,10 @@ def corruption_table(corr):
     return "\n".join(lines)
 
 
+@in_eval_mode
 @torch.no_grad()
 def sample_pictures(model, dataset, device, predict_kwargs, count=3):
     """[(caption, uint8 (H, 3W, 3) image | colour ground truth | colour prediction)] for index.html."""
-    model.eval()
     out = []
     for i in range(min(count, len(dataset))):
         sample = dataset[i]

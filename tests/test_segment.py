@@ -1,4 +1,5 @@
 """Tests of segment.py: networks (shapes, strides, checkpoint names, sizes), training, resume, DDP."""
+import contextlib
 import json
 import os
 import subprocess
@@ -660,3 +661,188 @@ def test_segformer_loads_mmseg_checkpoints_with_backbone_and_decode_head_keys(tm
     assert (model.decode_head.linear_pred.weight == values["decode_head.conv_seg.weight"]).all()
     assert set(segment.EVALUATORS) == {"drn-d-105", "upernet-101", "deeplabv2-cocostuff"} | {
         f"segformer-b{i}" for i in range(6)}
+
+
+# --- issue 17 §1: the segmenter's training dynamics ----------------------------------------------
+
+def bn_net():
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                               torch.nn.Conv2d(4, 3, 1))
+
+
+def test_optimizer_moves_only_the_student_and_the_teacher_starts_equal_buffers_included():
+    torch.manual_seed(0)
+    student = segment.build_model("deeplabv3plus-r18", 3, output_stride=16)
+    student(torch.rand(2, 3, 32, 32))  # train mode: BN running statistics move away from their defaults
+    mt = segment.MeanTeacher(student, decay=0.99)
+    for (k, t), s in zip(mt.teacher.state_dict().items(), student.state_dict().values()):
+        assert torch.equal(t, s), k
+    args = segment.parse_args(["--lr", "0.1", "--optimizer", "sgd", "--weight-decay", "0"])
+    optimizer = segment.make_optimizer(student, args)
+    ids = [id(p) for g in optimizer.param_groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in student.parameters()) and len(ids) == len(set(ids))
+    assert not set(ids) & {id(p) for p in mt.teacher.parameters()}
+    before = copy_state(mt.teacher)
+    student(torch.rand(2, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    assert all(torch.equal(before[k], v) for k, v in mt.teacher.state_dict().items())  # only its own network
+
+
+def copy_state(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_mean_teacher_follows_by_ema_copies_buffers_stays_in_eval_and_makes_the_pseudo_labels():
+    torch.manual_seed(0)
+    student = bn_net()
+    mt = segment.MeanTeacher(student, decay=0.9)
+    assert not mt.teacher.training and not any(p.requires_grad for p in mt.teacher.parameters())
+    t0, s_before = copy_state(mt.teacher), copy_state(student)
+    with torch.no_grad():
+        student[0].weight.add_(1.0)
+    student(torch.rand(4, 3, 8, 8))  # moves the student's BN statistics
+    mt.update(student, step=50)
+    assert torch.allclose(mt.teacher[0].weight, 0.9 * t0["0.weight"] + 0.1 * student[0].weight)
+    assert torch.equal(mt.teacher[1].running_mean, student[1].running_mean)
+    assert not torch.equal(student[1].running_mean, s_before["1.running_mean"])
+    student.train()
+    mt.update(student, step=51)
+    assert not mt.teacher.training
+    with torch.no_grad():  # the pseudo-labels are the teacher's, not the student's
+        mt.teacher[3].bias.copy_(torch.tensor([0.0, 0.0, 50.0]))
+        student[3].bias.copy_(torch.tensor([50.0, 0.0, 0.0]))
+    assert (mt.pseudo_labels(torch.rand(2, 3, 8, 8), threshold=0.9) == 2).all()
+
+
+def test_evaluation_runs_in_eval_mode_and_gives_the_model_back_in_train_mode():
+    modes = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, x):
+            modes.append(self.training)
+            return torch.zeros(x.shape[0], 2, *x.shape[-2:])
+
+    model = Spy().train()
+    batch = {"image": torch.rand(1, 3, 4, 4), "labels": torch.zeros(1, 4, 4, dtype=torch.long),
+             "anomaly": torch.tensor([[[0, 1] * 2] * 4], dtype=torch.uint8), "name": ["a"]}
+    segment.evaluate(model, [batch], "cpu", num_classes=2)
+    segment.evaluate_ood(model, [batch], "cpu")
+    assert modes and not any(modes) and model.training
+
+
+def test_ddp_shards_of_two_ranks_are_disjoint_and_cover_the_data():
+    dataset = list(range(10))
+    shards = [list(segment.ResumableSampler(dataset, 2, rank, shuffle=True, seed=3, drop_last=False))
+              for rank in (0, 1)]
+    assert not set(shards[0]) & set(shards[1]) and set(shards[0]) | set(shards[1]) == set(dataset)
+    assert len(shards[0]) == len(shards[1]) == 5
+
+
+DDP_STEP = """
+import sys, torch
+sys.path.insert(0, {root!r})
+import segment
+run = segment.Run(segment.parse_args(["--device", "cpu", "--out", {out!r}, "--name", "ddp-step"]))
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1))
+x, y = torch.rand(4, 3, 6, 6), torch.randint(0, 2, (4, 6, 6))
+model = run.wrap(net)
+opt = torch.optim.SGD(model.parameters(), lr=0.5)
+half = slice(2 * run.rank, 2 * run.rank + 2) if run.distributed else slice(0, 4)
+torch.nn.functional.cross_entropy(model(x[half]), y[half]).backward()  # DDP averages the two halves' gradients
+opt.step()
+if run.is_main:
+    torch.save(segment.unwrap(model).state_dict(), {out!r} + "/" + str(run.world_size) + ".pt")
+run.close()
+"""
+
+
+def test_one_ddp_step_on_two_processes_equals_one_process_on_the_combined_batch(tmp_path):
+    script = tmp_path / "step.py"
+    script.write_text(DDP_STEP.format(root=str(ROOT), out=str(tmp_path)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(script)], check=True, env=env, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29531", str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    one, two = torch.load(tmp_path / "1.pt"), torch.load(tmp_path / "2.pt")
+    for k in one:
+        assert torch.allclose(one[k], two[k], atol=1e-6), k
+    torch.manual_seed(0)
+    start = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1))
+    assert not torch.allclose(start[0].weight, one["0.weight"])  # the step moved the weights
+
+
+def test_bf16_autocast_step_losses_are_within_a_few_percent_of_fp32(tmp_path):
+    losses = {}
+    for amp in ("off", "bf16"):
+        run = segment.Run(segment.parse_args(["--device", "cpu", "--out", str(tmp_path), "--name", amp, "--amp", amp]))
+        torch.manual_seed(0)
+        net = bn_net()
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        x, y = torch.rand(4, 3, 16, 16), torch.randint(0, 3, (4, 16, 16))
+        losses[amp] = []
+        for _ in range(3):
+            with run.autocast():
+                loss = torch.nn.functional.cross_entropy(net(x).float(), y)
+            opt.zero_grad()
+            run.scaler.scale(loss).backward()
+            run.scaler.step(opt)
+            assert run.update_scaler()
+            losses[amp].append(loss.item())
+    assert losses["off"][-1] < losses["off"][0]
+    for a, b in zip(losses["off"], losses["bf16"]):
+        assert abs(a - b) / a < 0.03
+
+
+def test_an_inf_gradient_makes_the_fp16_scaler_skip_the_optimizer_and_the_mean_teacher(toycity, tmp_path, monkeypatch):
+    data.make_toycity(tmp_path / "generated", 4, size=(64, 128), domain="target", split="train", seed=5)
+    (tmp_path / "generated" / "manifest.json").write_text(json.dumps({"generator": "test"}))
+    build = segment.build_model
+
+    def build_with_inf_at_third_backward(*args, **kwargs):
+        model = build(*args, **kwargs)
+        calls = []
+        model.classifier.weight.register_hook(lambda g: calls.append(1) or (g * float("inf") if len(calls) == 3 else g))
+        return model
+
+    common = ["--batch-size", "2", "--size", "32", "64", "--no-eval", "--amp", "fp16", "--poly-power", "0",
+              "--generated", str(tmp_path / "generated"), "--mean-teacher", "--pseudo-threshold", "0", "--ema", "0.5"]
+    # the scaler is what is tested: fp16 kernels are slow on a CPU, so autocast is left out (same arithmetic in both runs)
+    monkeypatch.setattr(segment.Run, "autocast", lambda self: contextlib.nullcontext())
+    segment.train_segmenter(train_args(toycity, tmp_path, "two", "--steps", "2", *common))
+    monkeypatch.setattr(segment, "build_model", build_with_inf_at_third_backward)
+    segment.train_segmenter(train_args(toycity, tmp_path, "three", "--steps", "3", *common))
+    two = torch.load(tmp_path / "two" / "last.pt", weights_only=True)
+    three = torch.load(tmp_path / "three" / "last.pt", weights_only=True)
+    assert three["scaler"]["scale"] == two["scaler"]["scale"] / 2  # exactly one step skipped
+    for key, value in two["teacher"].items():
+        assert torch.equal(three["teacher"][key], value), key
+    for key, value in two["model"].items():
+        if not key.endswith(("running_mean", "running_var", "num_batches_tracked")):  # BN counts every forward
+            assert torch.equal(three["model"][key], value), key
+
+
+def test_mean_teacher_survives_a_resume(toycity, tmp_path, monkeypatch):
+    data.make_toycity(tmp_path / "generated", 4, size=(64, 128), domain="target", split="train", seed=5)
+    (tmp_path / "generated" / "manifest.json").write_text(json.dumps({"generator": "test"}))
+    common = ["--steps", "3", "--checkpoint-every", "1", "--batch-size", "2", "--size", "32", "64", "--no-eval",
+              "--generated", str(tmp_path / "generated"), "--mean-teacher", "--pseudo-threshold", "0.3"]
+    segment.train_segmenter(train_args(toycity, tmp_path, "straight", *common))
+    log = segment.Run.log
+
+    def log_then_die(self, step, **scalars):
+        if step == 3:
+            raise KeyboardInterrupt
+        log(self, step, **scalars)
+    monkeypatch.setattr(segment.Run, "log", log_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        segment.train_segmenter(train_args(toycity, tmp_path, "killed", *common))
+    monkeypatch.undo()
+    segment.train_segmenter(train_args(toycity, tmp_path, "killed", *common, "--resume", "auto"))
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 3
+    for key in a["teacher"]:
+        assert torch.equal(a["teacher"][key], b["teacher"][key]), key
+    assert not torch.equal(a["teacher"]["classifier.weight"], a["model"]["classifier.weight"])
