@@ -1673,6 +1673,9 @@ def train_segmenter(args):
         raise data.UserError("--eval-teacher evaluates the mean teacher: add --mean-teacher")
     if args.mean_teacher and not args.generated:
         raise data.UserError("--mean-teacher pseudo-labels generated images: give at least one --generated PATH")
+    if args.style == "caffe" and not (args.pretrained or args.weights or args.resume):
+        raise data.UserError("--style caffe freezes BatchNorm at its pretrained statistics: start from AdaptSegNet's "
+                             f"init, --pretrained DeepLab_resnet_pretrained_init-f81d91e8.pth ({PUBLISHED['adaptsegnet-init']})")
     run = Run(args)
     set_batch_size(args, run)
     train_set, val_set, target_set, ood_set = dataset_roots(args)
