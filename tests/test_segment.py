@@ -2,6 +2,7 @@
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -264,7 +265,7 @@ def test_save_grid_pads_images_of_different_sizes_into_one_png(tmp_path):
 
 
 def test_ddp_with_two_cpu_processes_runs_two_steps_and_writes_one_checkpoint(toycity, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
            str(ROOT / "segment.py"), "--dataset", "toycity", "--data-root", str(toycity), "--model",
            "deeplabv3plus-r18", "--output-stride", "16", "--size", "32", "64", "--batch-size", "2", "--steps", "2",
            "--workers", "0", "--no-eval", "--device", "cpu", "--out", str(tmp_path), "--name", "ddp",
@@ -276,6 +277,13 @@ def test_ddp_with_two_cpu_processes_runs_two_steps_and_writes_one_checkpoint(toy
     state = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
     assert state["step"] == 2 and len(state["rng"]) == 2
     assert proc.stdout.count("step 2/2") == 1  # only rank 0 prints
+
+
+def free_port():
+    """A TCP port free now (other test runs on this machine may hold a fixed one)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
 
 
 def test_mean_std_is_the_sample_standard_deviation():
@@ -763,11 +771,11 @@ def test_one_ddp_step_on_two_processes_equals_one_process_on_the_combined_batch(
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, str(script)], check=True, env=env, timeout=120)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           "29531", str(script)], capture_output=True, text=True, env=env, timeout=300)
+                           free_port(), str(script)], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     one, two = torch.load(tmp_path / "1.pt"), torch.load(tmp_path / "2.pt")
     for k in one:
-        assert torch.allclose(one[k], two[k], atol=1e-6), k
+        assert torch.allclose(one[k], two[k], atol=1e-5), (k, (one[k] - two[k]).abs().max())
     torch.manual_seed(0)
     start = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1))
     assert not torch.allclose(start[0].weight, one["0.weight"])  # the step moved the weights
