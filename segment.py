@@ -6,16 +6,20 @@ DeepLab-v3+ on real + generated data with a mean teacher, and uses a SegFormer i
 generator G_coarse (Fig. A1, Table A7). This file holds, in reading order:
 
 1. Run helpers shared by every trainer of the project: `add_run_args`, `Run` (device, torchrun/DDP,
-   AMP, channels_last, atomic checkpoints, `--resume auto`, log.jsonl, progress line, index.html),
-   `seed_everything`, `poly_lr`, `save_grid`, and `Experiment` / `mean_std` (the seeded,
+   AMP, channels_last, fsynced atomic checkpoints, `--resume auto`, `restore` (modules to the device
+   before optimizer state), `update_scaler` (did the optimizer step?), log.jsonl, progress line,
+   index.html), `seed_everything`, `poly_lr`, `save_grid`, and `Experiment` / `mean_std` (the seeded,
    resumable experiments of ash.py and robusta.py: one JSON record per run, mean +- std tables).
-2. Networks: `resnet` (torchvision names, dilation for output stride 8/16), `DeepLabV2` (ASPP
-   classifier of four dilated 3x3 convs, summed; optional second classifier as in CLAN),
-   `DeepLabV3Plus`, `SegFormer` (MiT-B0..B5 with the official checkpoint names + all-MLP decoder),
-   `build_model`.
-3. Training: `GeneratedDataset`, `MeanTeacher` (Robusta F.1), `PRESETS` (Table A4), `train_segmenter`.
+2. Networks: `resnet` (torchvision names, dilation for output stride 8/16; style="caffe" for the
+   DeepLab-v2 of AdaptSegNet / CLAN / ASH), `DeepLabV2` (ASPP classifier of four dilated 3x3 convs,
+   summed; optional second classifier as in CLAN; AdaptSegNet's init file), `DeepLabV3Plus`,
+   `SegFormer` (MiT-B0..B5 with the official checkpoint names + all-MLP decoder), `build_model`;
+   the fixed evaluators of Robusta Table A5 (`load_evaluator`: DRN-D-105, UPerNet-101, DeepLab-v2
+   COCO-Stuff, published SegFormers).
+3. Training: `GeneratedDataset`, the benchmark protocols `StreetHazardsBenchmark` and `BDDAnomaly`,
+   `MeanTeacher` and `pseudo_label_loss` (Robusta F.1), `PRESETS` (Table A4), `train_segmenter`.
 4. Evaluation: `predict` (whole image / sliding window, multi-scale), `evaluate`,
-   `evaluate_corruptions` (Table A10 protocol), `evaluate_ood` (AUROC / AUPR / FPR95).
+   `evaluate_corruptions` (Table A10 protocol), `evaluate_ood` (AUROC / AUPR / FPR95, pooled and per image).
 
 Run:
     python segment.py                                   # demo on ToyCity (CPU, minutes)

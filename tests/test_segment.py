@@ -854,3 +854,16 @@ def test_mean_teacher_survives_a_resume(toycity, tmp_path, monkeypatch):
     for key in a["teacher"]:
         assert torch.equal(a["teacher"][key], b["teacher"][key]), key
     assert not torch.equal(a["teacher"]["classifier.weight"], a["model"]["classifier.weight"])
+
+
+def test_user_mistakes_answer_with_one_error_line_and_status_2(tmp_path, capsys):
+    for argv, words in ((["--dataset", "gta5", "--out", str(tmp_path)], "--data-root"),
+                        (["--dataset", "gta5", "--data-root", str(tmp_path / "none"), "--out", str(tmp_path)], "published"),
+                        (["--mean-teacher", "--out", str(tmp_path)], "--generated"),
+                        (["--style", "caffe", "--model", "deeplabv2-r50", "--out", str(tmp_path)], "AdaptSegNet")):
+        with pytest.raises(SystemExit) as exit_:
+            data.cli(segment.main, argv + ["--device", "cpu"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith("error:") and words in err[0], err
+    with pytest.raises(data.MissingFile, match="published"):
+        segment.load_evaluator("deeplabv2-cocostuff", tmp_path / "none.pth")
