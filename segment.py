@@ -1917,13 +1917,14 @@ def evaluate_corruptions(model, dataset, device, corruptions=None, severities=(1
 
 @in_eval_mode
 @torch.no_grad()
-def evaluate_ood(model, loader, device, kinds=("msp", "entropy", "maxlogit"), **predict_kwargs):
+def evaluate_ood(model, loader, device, kinds=("msp", "entropy", "maxlogit"), per_image=False, **predict_kwargs):
     """Pixel-level OOD detection on a split with an "anomaly" map (1 = OOD, 0 = in-distribution, 255 = void):
-    AUROC, AUPR, FPR95 for each anomaly score (max softmax probability, entropy, max logit), pooled
-    over every pixel of the split, and under "per_image" their mean over the images that hold both
-    OOD and in-distribution pixels (hendrycks/anomaly-seg's StreetHazards / BDD-Anomaly figures)."""
+    {kind: {"auroc", "aupr", "fpr95"}} for each anomaly score (max softmax probability, entropy, max
+    logit), pooled over every pixel of the split; with `per_image`, also "per_image": their mean over
+    the images that hold both OOD and in-distribution pixels, and that number of "images"
+    (hendrycks/anomaly-seg's StreetHazards / BDD-Anomaly figures)."""
     meters = {kind: metrics.OODMeter() for kind in kinds}
-    per_image = {kind: [] for kind in kinds}
+    rows = {kind: [] for kind in kinds}
     for batch in loader:
         if "anomaly" not in batch:
             raise data.BadInput("evaluate_ood needs samples with an 'anomaly' map (ToyCity outlier/, StreetHazards)")
@@ -1933,17 +1934,16 @@ def evaluate_ood(model, loader, device, kinds=("msp", "entropy", "maxlogit"), **
             # Robusta F.2 / Table A4 (outlier detection): pixel-level scores, OOD = positive
             scores = metrics.anomaly_scores(logits, kind)
             meters[kind].update(scores, anomaly == 1, anomaly != 255)
-            for s, a in zip(scores, anomaly):
+            for s, a in zip(scores, anomaly) if per_image else ():
                 if (a == 1).any() and (a == 0).any():  # images that are all ID (or all OOD) have no figure
-                    per_image[kind].append(metrics._ood_metrics(*metrics._exact_counts(s, a)))
-    results = {}
-    for kind, meter in meters.items():
-        results[kind] = meter.compute()
-        rows = np.array(per_image[kind]).reshape(-1, 3)
-        results[kind]["per_image"] = {"auroc": float(rows[:, 0].mean()) if len(rows) else float("nan"),
-                                      "aupr": float(rows[:, 1].mean()) if len(rows) else float("nan"),
-                                      "fpr95": float(rows[:, 2].mean()) if len(rows) else float("nan"),
-                                      "images": len(rows)}
+                    rows[kind].append(metrics._ood_metrics(*metrics._exact_counts(s, a)))  # (AUROC, AP, FPR95)
+    results = {kind: meter.compute() for kind, meter in meters.items()}
+    if per_image:
+        for kind in kinds:
+            r = np.array(rows[kind]).reshape(-1, 3)
+            mean = r.mean(0) if len(r) else np.full(3, np.nan)
+            results[kind]["per_image"] = {"auroc": float(mean[0]), "aupr": float(mean[1]), "fpr95": float(mean[2]),
+                                          "images": len(r)}
     return results
 
 
@@ -1971,7 +1971,8 @@ def evaluate_all(model, args, device, val_set, target_set, ood_set, class_names=
         pictures.append((f"corrupted val ({name}, severity {max(args.severities)})", sample_pictures(
             model, Corrupted(val_set, name, max(args.severities)), device, kw)))
     if ood_set is not None:
-        ood = evaluate_ood(model, eval_loader(ood_set, args.eval_batch_size, args.max_eval_images), device, **kw)
+        ood = evaluate_ood(model, eval_loader(ood_set, args.eval_batch_size, args.max_eval_images), device,
+                           per_image=True, **kw)
         results["ood"] = ood
         print("\nOOD detection (pixels; OOD = positive): pooled over the split | mean over images\n"
               "| score | AUROC | AUPR | FPR95 | AUROC/img | AUPR/img | FPR95/img |\n|---|---:|---:|---:|---:|---:|---:|")

@@ -461,7 +461,8 @@ def test_ood_metrics_per_image_mean_and_pooled_differ_as_the_benchmark_says():
     image = torch.zeros(3, 3, 2, 2)
     image[0, 0], image[1, 0], image[2, 0] = 0.5, 0.3, 0.9
     image[0, 0, 0], image[1, 0, 0] = 0.4, 0.2  # OOD scores above ID within each image, not across images
-    results = segment.evaluate_ood(ScoreFromImage(), [{"image": image, "anomaly": anomaly}], "cpu", kinds=("maxlogit",))
+    results = segment.evaluate_ood(ScoreFromImage(), [{"image": image, "anomaly": anomaly}], "cpu", kinds=("maxlogit",),
+                                   per_image=True)
     m = results["maxlogit"]
     assert m["per_image"]["auroc"] == pytest.approx(1.0) and m["per_image"]["images"] == 2
     assert m["auroc"] == pytest.approx(metrics.auroc(-10 * image[:, 0], anomaly)) and m["auroc"] < 0.9
@@ -509,6 +510,10 @@ def test_gta5_without_split_files_trains_on_every_image_and_skips_source_evaluat
     args = small_args("gta5", tmp_path / "gta", tmp_path, "gta-sf", "--no-eval", "--split-file", str(tmp_path / "two.txt"))
     train, *_ = segment.dataset_roots(args)
     assert sorted(s["name"] for s in train.samples) == ["00001", "00002"]
+    (tmp_path / "gta" / "val.txt").write_text("00004\n")  # where a val split exists, the source is evaluated
+    args = small_args("gta5", tmp_path / "gta", tmp_path, "gta-val", "--max-eval-images", "1")
+    train, val, _, _ = segment.dataset_roots(args)
+    assert len(train) == 4 and [s["name"] for s in val.samples] == ["00004"]
 
 
 # --- issue 18: the papers' evaluators and ASH's initialisation, loaded strictly -------------------
