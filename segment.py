@@ -823,11 +823,11 @@ def load_strict(module, state, source):
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise data.BadInput(f"{source} does not fit: {str(e).splitlines()[0]} {_one_diff(own, state)}")
+        raise data.BadInput(f"{source} does not fit: {str(e).splitlines()[0]} {_key_differences(own, state)}")
     return module
 
 
-def _one_diff(own, state):
+def _key_differences(own, state):
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
     return f"(missing {missing[:3]}, unexpected {unexpected[:3]}, other shapes {shapes[:3]})"

@@ -766,6 +766,8 @@ torch.nn.functional.cross_entropy(model(x[half]), y[half]).backward()  # DDP ave
 opt.step()
 if run.is_main:
     torch.save(segment.unwrap(model).state_dict(), {out!r} + "/" + str(run.world_size) + ".pt")
+if run.distributed:
+    torch.distributed.barrier()  # no rank tears the group down while the other still uses it
 run.close()
 """
 
