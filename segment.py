@@ -193,7 +193,7 @@ class Run:
         per_epoch = len(loader)
         if per_epoch == 0:
             raise data.BadInput(f"the data loader yields no batch: {len(loader.dataset)} samples for batch size "
-                             f"{loader.batch_size} x {self.world_size} processes")
+                                f"{loader.batch_size} x {self.world_size} processes")
         epoch, done = divmod(step, per_epoch)
         self._tick = (time.time(), step)  # the progress line's rate counts from here
         while step < total:
@@ -425,7 +425,7 @@ class Experiment:
         settings = json.loads(json.dumps(settings))  # as stored: tuples become lists
         if self.state.get("settings", settings) != settings:
             raise data.BadInput(f"{self.path} holds runs with other settings ({self.state['settings']}); "
-                             f"move it away or give another --out")
+                                f"move it away or give another --out")
         self.state.update(settings=settings, title=title)
         self.state.setdefault("cells", {})
         self.start = time.time()
