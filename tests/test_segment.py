@@ -277,6 +277,7 @@ def test_ddp_with_two_cpu_processes_runs_two_steps_and_writes_one_checkpoint(toy
     state = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
     assert state["step"] == 2 and len(state["rng"]) == 2
     assert proc.stdout.count("step 2/2") == 1  # only rank 0 prints
+    assert proc.stdout.splitlines()[0].endswith("effective batch 4 = 2 per process x 2 processes")
 
 
 def free_port():
