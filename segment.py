@@ -6,16 +6,20 @@ DeepLab-v3+ on real + generated data with a mean teacher, and uses a SegFormer i
 generator G_coarse (Fig. A1, Table A7). This file holds, in reading order:
 
 1. Run helpers shared by every trainer of the project: `add_run_args`, `Run` (device, torchrun/DDP,
-   AMP, channels_last, atomic checkpoints, `--resume auto`, log.jsonl, progress line, index.html),
-   `seed_everything`, `poly_lr`, `save_grid`, and `Experiment` / `mean_std` (the seeded,
+   AMP, channels_last, fsynced atomic checkpoints, `--resume auto`, `restore` (modules to the device
+   before optimizer state), `update_scaler` (did the optimizer step?), log.jsonl, progress line,
+   index.html), `seed_everything`, `poly_lr`, `save_grid`, and `Experiment` / `mean_std` (the seeded,
    resumable experiments of ash.py and robusta.py: one JSON record per run, mean +- std tables).
-2. Networks: `resnet` (torchvision names, dilation for output stride 8/16), `DeepLabV2` (ASPP
-   classifier of four dilated 3x3 convs, summed; optional second classifier as in CLAN),
-   `DeepLabV3Plus`, `SegFormer` (MiT-B0..B5 with the official checkpoint names + all-MLP decoder),
-   `build_model`.
-3. Training: `GeneratedDataset`, `MeanTeacher` (Robusta F.1), `PRESETS` (Table A4), `train_segmenter`.
+2. Networks: `resnet` (torchvision names, dilation for output stride 8/16; style="caffe" for the
+   DeepLab-v2 of AdaptSegNet / CLAN / ASH), `DeepLabV2` (ASPP classifier of four dilated 3x3 convs,
+   summed; optional second classifier as in CLAN; AdaptSegNet's init file), `DeepLabV3Plus`,
+   `SegFormer` (MiT-B0..B5 with the official checkpoint names + all-MLP decoder), `build_model`;
+   the fixed evaluators of Robusta Table A5 (`load_evaluator`: DRN-D-105, UPerNet-101, DeepLab-v2
+   COCO-Stuff, published SegFormers).
+3. Training: `GeneratedDataset`, the benchmark protocols `StreetHazardsBenchmark` and `BDDAnomaly`,
+   `MeanTeacher` and `pseudo_label_loss` (Robusta F.1), `PRESETS` (Table A4), `train_segmenter`.
 4. Evaluation: `predict` (whole image / sliding window, multi-scale), `evaluate`,
-   `evaluate_corruptions` (Table A10 protocol), `evaluate_ood` (AUROC / AUPR / FPR95).
+   `evaluate_corruptions` (Table A10 protocol), `evaluate_ood` (AUROC / AUPR / FPR95, pooled and per image).
 
 Run:
     python segment.py                                   # demo on ToyCity (CPU, minutes)
@@ -27,6 +31,7 @@ import argparse
 import base64
 import contextlib
 import copy
+import functools
 import io
 import json
 import math
@@ -140,8 +145,8 @@ class Run:
         if self.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
             (self.dir / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
-            if args.resume == "":
-                (self.dir / "log.jsonl").unlink(missing_ok=True)
+            if args.resume == "" or (args.resume == "auto" and not (self.dir / "last.pt").exists()):
+                (self.dir / "log.jsonl").unlink(missing_ok=True)  # nothing to resume: a fresh log
 
     # -- devices and data -------------------------------------------------------------------
     def autocast(self):
@@ -187,8 +192,8 @@ class Run:
         sampler.skip = 0
         per_epoch = len(loader)
         if per_epoch == 0:
-            raise ValueError(f"the data loader yields no batch: {len(loader.dataset)} samples for batch size "
-                             f"{loader.batch_size} x {self.world_size} processes")
+            raise data.BadInput(f"the data loader yields no batch: {len(loader.dataset)} samples for batch size "
+                                f"{loader.batch_size} x {self.world_size} processes")
         epoch, done = divmod(step, per_epoch)
         self._tick = (time.time(), step)  # the progress line's rate counts from here
         while step < total:
@@ -229,13 +234,18 @@ class Run:
 
     # -- checkpoints ------------------------------------------------------------------------
     def save(self, state, tag="last"):
-        """Write <dir>/<tag>.pt atomically (temporary file, then os.replace); rank 0 only."""
+        """Write <dir>/<tag>.pt atomically (temporary file, fsync, os.replace, fsync of the folder);
+        rank 0 only. A crash at any moment leaves either the old or the new checkpoint on disk."""
         if not self.is_main:
             return None
         path = self.dir / f"{tag}.pt"
         tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(self.dir)
         return path
 
     def resume(self):
@@ -247,7 +257,7 @@ class Run:
         if not path.exists():
             if choice == "auto":
                 return None
-            raise FileNotFoundError(f"--resume {choice}: no checkpoint at {path}")
+            raise data.MissingFile(f"--resume {choice}: no checkpoint at {path}")
         state = torch.load(path, map_location="cpu", weights_only=True)
         step = state.get("step", 0)
         if self.is_main:
@@ -257,6 +267,34 @@ class Run:
                 rows = [r for r in log.read_text().splitlines() if r and json.loads(r)["step"] <= step]
                 log.write_text("".join(r + "\n" for r in rows))
         return state
+
+    def restore(self, state, modules, optimizers=None):
+        """Load a checkpoint of `resume()` into `modules` ({key: module}) and `optimizers`
+        ({key: optimizer}), plus the scaler and RNG states it holds; returns its step.
+
+        Modules are moved to the run's device first: `Optimizer.load_state_dict` puts each state
+        tensor (momentum, Adam moments) on the device of its parameter at load time, so loading
+        before the move would leave them on the CPU and mix devices at the first step on a GPU."""
+        for key, module in modules.items():
+            module.to(self.device)
+            unwrap(module).load_state_dict(state[key])
+        for key, optimizer in (optimizers or {}).items():
+            optimizer.load_state_dict(state[key])
+        if "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        if "rng" in state:
+            self.set_rng_state(state["rng"])
+        return state.get("step", 0)
+
+    def update_scaler(self):
+        """`scaler.update()` after the `scaler.step(optimizer)` calls of one training step; returns
+        whether the optimizers really stepped (False when fp16 gradients held an inf/NaN: the
+        scaler skipped every step and lowered its scale). Always True without fp16."""
+        if not self.scaler.is_enabled():
+            return True
+        before = self.scaler.get_scale()
+        self.scaler.update()
+        return self.scaler.get_scale() >= before  # the scale only falls (backoff < 1) on a skipped step
 
     def rng_state(self):
         """RNG states of every rank (Python, NumPy, torch, CUDA) as tensors, for a checkpoint."""
@@ -333,6 +371,20 @@ class Run:
             dist.destroy_process_group()
 
 
+def fsync_dir(folder):
+    """fsync a folder, so that a rename inside it survives a power loss (a no-op where unsupported)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def save_grid(path, rows, pad=2):
     """Save rows of (3, H, W) or (1, H, W) [0, 1] images as one PNG on a white canvas; images are
     padded to the largest height / width."""
@@ -372,8 +424,8 @@ class Experiment:
         self.state = json.loads(self.path.read_text()) if self.path.is_file() else {}
         settings = json.loads(json.dumps(settings))  # as stored: tuples become lists
         if self.state.get("settings", settings) != settings:
-            raise ValueError(f"{self.path} holds runs with other settings ({self.state['settings']}); "
-                             f"move it away or give another --out")
+            raise data.BadInput(f"{self.path} holds runs with other settings ({self.state['settings']}); "
+                                f"move it away or give another --out")
         self.state.update(settings=settings, title=title)
         self.state.setdefault("cells", {})
         self.start = time.time()
@@ -485,7 +537,9 @@ def svg_curve(title, points, width=360, height=180):
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# Where each backbone's ImageNet checkpoint is published (we never download).
+CAFFE_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)  # AdaptSegNet's IMG_MEAN (BGR, 0..255)
+
+# Where each checkpoint is published (we never download).
 PUBLISHED = {
     "resnet18": "torchvision: https://download.pytorch.org/models/resnet18-f37072fd.pth",
     "resnet34": "torchvision: https://download.pytorch.org/models/resnet34-b627a593.pth",
@@ -493,19 +547,25 @@ PUBLISHED = {
     "resnet101": "torchvision: https://download.pytorch.org/models/resnet101-63fe2227.pth",
     "resnet152": "torchvision: https://download.pytorch.org/models/resnet152-394f9c45.pth",
     **{f"mit_b{i}": f"NVlabs/SegFormer README, 'ImageNet-1K pre-trained weights' (mit_b{i}.pth)" for i in range(6)},
+    "adaptsegnet-init": "wasidennis/AdaptSegNet (train_gta2cityscapes_multi.py RESTORE_FROM): "
+                        "http://vllab.ucmerced.edu/ytsai/CVPR18/DeepLab_resnet_pretrained_init-f81d91e8.pth",
+    "drn-d-105": "fyu/drn README, 'pretrained DRN models on Cityscapes': http://go.yf.io/drn-cityscapes-models "
+                 "(drn_d_105_cityscapes.pth)",
+    "upernet-101": "CSAILVision/semantic-segmentation-pytorch README: http://sceneparsing.csail.mit.edu/model/pytorch/"
+                   "ade20k-resnet101-upernet/ (encoder_epoch_50.pth and decoder_epoch_50.pth, in one folder)",
+    "deeplabv2-cocostuff": "kazuto1011/deeplab-pytorch README (COCO-Stuff 164k): https://github.com/kazuto1011/"
+                           "deeplab-pytorch/releases/download/v1.0/deeplabv2_resnet101_msc-cocostuff164k-100000.pth",
+    **{f"segformer-b{i}": f"NVlabs/SegFormer README, 'Evaluation' (trained Cityscapes / ADE20K checkpoints, e.g. "
+                          f"segformer.b{i}.1024x1024.city.160k.pth / segformer.b{i}.512x512.ade.160k.pth)"
+       for i in range(6)},
 }
 
 
 def load_pretrained(module, path, name):
     """Load an ImageNet checkpoint into a backbone strictly, ignoring its classification head."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrained weights for {name} not found at {path}; published by {PUBLISHED[name]}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state)
+    state = read_checkpoint(path, name)
     state = {k: v for k, v in state.items() if not k.startswith(("fc.", "head."))}
-    module.load_state_dict(state, strict=True)
-    return module
+    return load_strict(module, state, path)
 
 
 class Normalize(nn.Module):
@@ -541,18 +601,34 @@ class BasicBlock(nn.Module):
         return self.relu(self.bn2(self.conv2(out)) + identity)
 
 
+class FrozenBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm with fixed statistics and affine parameters (Caffe DeepLab / AdaptSegNet / CLAN):
+    always normalises with the running statistics; weight and bias do not train. Same keys as BatchNorm2d."""
+
+    def __init__(self, num_features, eps=1e-5):
+        super().__init__(num_features, eps=eps)
+        self.weight.requires_grad_(False)
+        self.bias.requires_grad_(False)
+
+    def forward(self, x):
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+
 class Bottleneck(nn.Module):
-    """1x1 -> 3x3 (stride, dilation) -> 1x1 (x4) + identity (ResNet-50/101/152, torchvision's v1.5)."""
+    """1x1 -> 3x3 (stride, dilation) -> 1x1 (x4) + identity (ResNet-50/101/152, torchvision's v1.5).
+    `stride_in_1x1`: the stride sits in the first 1x1 conv instead (the original Caffe ResNet, v1)."""
     expansion = 4
 
-    def __init__(self, inplanes, planes, stride=1, downsample=None, dilation=1):
+    def __init__(self, inplanes, planes, stride=1, downsample=None, dilation=1, norm=nn.BatchNorm2d,
+                 stride_in_1x1=False):
         super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, padding=dilation, dilation=dilation, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, s1, bias=False)
+        self.bn1 = norm(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, s3, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = norm(planes)
         self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.bn3 = norm(planes * 4)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
 
@@ -569,29 +645,54 @@ RESNET_LAYERS = {18: (BasicBlock, [2, 2, 2, 2]), 34: (BasicBlock, [3, 4, 6, 3]),
 
 class ResNet(nn.Module):
     """ResNet without its classifier; forward returns the outputs of layer1..layer4 (strides 4, 8, 16, 32
-    or, with dilation replacing the last strides, 4, 8, 8, 8 at output stride 8 and 4, 8, 16, 16 at 16)."""
+    or, with dilation replacing the last strides, 4, 8, 8, 8 at output stride 8 and 4, 8, 16, 16 at 16).
 
-    def __init__(self, depth, output_stride=None):
+    style="caffe" is the DeepLab-v2 of AdaptSegNet / CLAN (and of kazuto1011's COCO-Stuff model): the
+    stride in the first 1x1 conv of a bottleneck, max pooling with ceil_mode, every block of layer3 /
+    layer4 dilated 2 / 4 (output stride 8), BatchNorm frozen (`FrozenBatchNorm2d`). Same names.
+    """
+
+    def __init__(self, depth, output_stride=None, style="torchvision"):
         super().__init__()
         if depth not in RESNET_LAYERS:
-            raise ValueError(f"ResNet depth must be one of {sorted(RESNET_LAYERS)}, got {depth}")
-        if output_stride not in (None, 8, 16, 32):
-            raise ValueError(f"output_stride must be 8, 16, 32 or None, got {output_stride}")
+            raise data.BadInput(f"ResNet depth must be one of {sorted(RESNET_LAYERS)}, got {depth}")
+        if style not in ("torchvision", "caffe"):
+            raise data.BadInput(f"ResNet style must be 'torchvision' or 'caffe', got {style!r}")
+        caffe = style == "caffe"
+        if output_stride not in ((None, 8) if caffe else (None, 8, 16, 32)):
+            raise data.BadInput(f"output_stride must be 8, 16, 32 or None (caffe style: 8), got {output_stride}")
         block, layers = RESNET_LAYERS[depth]
+        if caffe and block is not Bottleneck:
+            raise data.BadInput(f"the caffe-style ResNet has bottleneck blocks (depth 50, 101, 152), got {depth}")
         dilate = {8: (False, True, True), 16: (False, False, True)}.get(output_stride, (False, False, False))
-        self.inplanes, self.dilation = 64, 1
+        norm = FrozenBatchNorm2d if caffe else nn.BatchNorm2d
+        self.inplanes, self.dilation, self.norm, self.caffe = 64, 1, norm, caffe
         self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.bn1 = norm(64)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
-        self.layer1 = self._make_layer(block, 64, layers[0])
-        self.layer2 = self._make_layer(block, 128, layers[1], 2, dilate[0])
-        self.layer3 = self._make_layer(block, 256, layers[2], 2, dilate[1])
-        self.layer4 = self._make_layer(block, 512, layers[3], 2, dilate[2])
+        self.maxpool = nn.MaxPool2d(3, 2, 1, ceil_mode=caffe)
+        if caffe:  # CLAN / AdaptSegNet: layer3 and layer4 keep stride 8, every block dilated 2 / 4
+            self.layer1 = self._make_caffe_layer(64, layers[0], 1, 1)
+            self.layer2 = self._make_caffe_layer(128, layers[1], 2, 1)
+            self.layer3 = self._make_caffe_layer(256, layers[2], 1, 2)
+            self.layer4 = self._make_caffe_layer(512, layers[3], 1, 4)
+        else:
+            self.layer1 = self._make_layer(block, 64, layers[0])
+            self.layer2 = self._make_layer(block, 128, layers[1], 2, dilate[0])
+            self.layer3 = self._make_layer(block, 256, layers[2], 2, dilate[1])
+            self.layer4 = self._make_layer(block, 512, layers[3], 2, dilate[2])
         self.channels = [64 * block.expansion, 128 * block.expansion, 256 * block.expansion, 512 * block.expansion]
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def _make_caffe_layer(self, planes, blocks, stride, dilation):
+        """Caffe DeepLab-v2: the stride in the first 1x1 conv; every block of the layer at `dilation`."""
+        downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * 4, 1, stride, bias=False), self.norm(planes * 4))
+        layers = [Bottleneck(self.inplanes, planes, stride, downsample, dilation, self.norm, stride_in_1x1=True)]
+        self.inplanes = planes * 4
+        layers += [Bottleneck(self.inplanes, planes, dilation=dilation, norm=self.norm) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
 
     def _make_layer(self, block, planes, blocks, stride=1, dilate=False):
         """As torchvision: a dilated layer keeps the previous dilation in its first block."""
@@ -616,9 +717,10 @@ class ResNet(nn.Module):
         return [c1, c2, c3, c4]
 
 
-def resnet(depth, output_stride=None, pretrained=None):
-    """ResNet-`depth` with torchvision's names (no fc); `pretrained`: a torchvision ImageNet checkpoint."""
-    model = ResNet(depth, output_stride)
+def resnet(depth, output_stride=None, pretrained=None, style="torchvision"):
+    """ResNet-`depth` with torchvision's names (no fc); `pretrained`: a torchvision ImageNet checkpoint.
+    style="caffe": the DeepLab-v2 backbone of AdaptSegNet / CLAN (see `ResNet`)."""
+    model = ResNet(depth, output_stride, style)
     if pretrained:
         load_pretrained(model, pretrained, f"resnet{depth}")
     return model
@@ -645,20 +747,40 @@ class ASPPClassifier(nn.Module):
         return sum(conv(x) for conv in self.conv2d_list)
 
 
+class CaffeNormalize(nn.Module):
+    """RGB in [0, 1] -> BGR in [0, 255] minus the per-channel mean, the input of Caffe-trained DeepLab
+    models (AdaptSegNet's IMG_MEAN; kazuto1011's MEAN 104.008 / 116.669 / 122.675)."""
+
+    def __init__(self, mean_bgr=CAFFE_MEAN_BGR):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean_bgr).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x):
+        return x.flip(1) * 255.0 - self.mean
+
+
 class DeepLabV2(nn.Module):
     """Dilated ResNet (output stride 8) + ASPP classifier `layer5`.
 
+    style="torchvision": torchvision's ResNet, dilated as `replace_stride_with_dilation` (the first
+    block of a dilated layer keeps the previous dilation), trained BatchNorm, ImageNet mean / std;
+    `pretrained` is torchvision's ImageNet checkpoint. style="caffe": the form of AdaptSegNet / CLAN
+    and ASH (`ResNet(style="caffe")`, BGR mean-subtracted input); `pretrained` is AdaptSegNet's
+    MS-COCO-initialised DeepLab_resnet_pretrained_init-f81d91e8.pth (`load_adaptsegnet_init`).
     `multi_level=True` adds a second ASPP classifier `layer6` on the same layer4 features, as in CLAN
     (the baseline of ASH, Table 5); `forward` then returns the sum of both (CLAN's prediction) and
     `heads(x)` returns each. Attribute names `layer5`/`layer6`/`conv2d_list` follow AdaptSegNet/CLAN.
     """
 
-    def __init__(self, num_classes=19, depth=101, multi_level=False, pretrained=None):
+    def __init__(self, num_classes=19, depth=101, multi_level=False, pretrained=None, style="torchvision"):
         super().__init__()
-        self.normalize = Normalize()
-        self.backbone = resnet(depth, output_stride=8, pretrained=pretrained)
+        caffe = style == "caffe"
+        self.normalize = CaffeNormalize() if caffe else Normalize()
+        self.backbone = resnet(depth, output_stride=8, pretrained=None if caffe else pretrained, style=style)
         self.layer5 = ASPPClassifier(self.backbone.channels[3], num_classes)
         self.layer6 = ASPPClassifier(self.backbone.channels[3], num_classes) if multi_level else None
+        if caffe and pretrained:
+            load_adaptsegnet_init(self, pretrained)
 
     def heads(self, x):
         """Logits of each classifier at the input resolution: [(N, C, H, W)] (two with multi_level)."""
@@ -670,10 +792,65 @@ class DeepLabV2(nn.Module):
         return sum(self.heads(x))
 
     def param_groups(self, lr):
-        """Backbone at lr, classifiers at 10 x lr (DeepLab-v2 / AdaptSegNet / CLAN recipe)."""
+        """Backbone at lr, classifiers at 10 x lr (DeepLab-v2 / AdaptSegNet / CLAN recipe); frozen
+        BatchNorm parameters (caffe style) are left out."""
         head = [p for m in (self.layer5, self.layer6) if m is not None for p in m.parameters()]
-        return [{"params": list(self.backbone.parameters()), "lr": lr},
+        return [{"params": [p for p in self.backbone.parameters() if p.requires_grad], "lr": lr},
                 {"params": head, "lr": 10 * lr}]
+
+
+def read_checkpoint(path, name):
+    """A state_dict from a published checkpoint file (unwrapping "state_dict" / "model"), or
+    data.MissingFile naming the path and where the file is published (PUBLISHED[name])."""
+    path = Path(path)
+    if not path.is_file():
+        raise data.MissingFile(f"{name} weights not found at {path}; published at {PUBLISHED[name]}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise data.BadInput(f"{path}: not a readable PyTorch checkpoint of {name} ({type(e).__name__}: {e})")
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return state
+
+
+def load_strict(module, state, source):
+    """load_state_dict(strict=True), where checkpoints from before PyTorch 0.4.1 (no BatchNorm
+    `num_batches_tracked`) get the module's own counters; a mismatch raises data.BadInput."""
+    own = module.state_dict()
+    state = {**{k: v for k, v in own.items() if k.endswith("num_batches_tracked")}, **state}
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise data.BadInput(f"{source} does not fit: {str(e).splitlines()[0]} {_key_differences(own, state)}")
+    return module
+
+
+def _key_differences(own, state):
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
+    return f"(missing {missing[:3]}, unexpected {unexpected[:3]}, other shapes {shapes[:3]})"
+
+
+def load_adaptsegnet_init(model, path):
+    """AdaptSegNet's DeepLab_resnet_pretrained_init-f81d91e8.pth (MS-COCO DeepLab-v2, the start of
+    AdaptSegNet, CLAN and ASH) into a caffe-style `DeepLabV2`: keys `Scale.<resnet key>` and
+    `Scale.layer5.conv2d_list.<i>.*`; the classifier is skipped when its class count differs (as
+    AdaptSegNet does) and CLAN's `layer6` keeps its initialisation."""
+    state = read_checkpoint(path, "adaptsegnet-init")
+    own = model.state_dict()
+    converted = {}
+    for key, value in state.items():
+        key = key[len("Scale."):] if key.startswith("Scale.") else key
+        key = key if key.startswith("layer5.") else "backbone." + key
+        if key.startswith("layer5.") and key in own and own[key].shape != value.shape:
+            continue  # another class count: keep our classifier
+        converted[key] = value
+    for key in own:
+        if key.startswith(("layer5.", "layer6.")) and key not in converted:
+            converted[key] = own[key]
+    return load_strict(model, converted, path)
 
 
 # --- DeepLab-v3+ (Chen et al. 2018), Robusta's segmenter (F.1, Table A4) -------------------------
@@ -859,7 +1036,7 @@ class MixVisionTransformer(nn.Module):
     def __init__(self, variant="b0", in_channels=3, drop_path_rate=0.1):
         super().__init__()
         if variant not in MIT:
-            raise ValueError(f"SegFormer variant must be one of {sorted(MIT)}, got {variant!r}")
+            raise data.BadInput(f"SegFormer variant must be one of {sorted(MIT)}, got {variant!r}")
         widths, depths = MIT[variant]
         self.channels = widths
         n = sum(depths)
@@ -971,13 +1148,220 @@ def build_model(name, num_classes=19, pretrained=None, **kwargs):
     extra keyword arguments go to the class (e.g. output_stride, multi_level).
     """
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
+        raise data.BadInput(f"unknown model {name!r}; choose from {MODELS}")
     family, size = name.split("-")
     if family == "deeplabv2":
         return DeepLabV2(num_classes, int(size[1:]), pretrained=pretrained, **kwargs)
     if family == "deeplabv3plus":
         return DeepLabV3Plus(num_classes, int(size[1:]), pretrained=pretrained, **kwargs)
     return SegFormer(size, num_classes, pretrained=pretrained, **kwargs)
+
+
+# --- The papers' fixed evaluators (Robusta Table A5, C.1.2: the SPADE / OASIS protocol) -----------
+# Each loads its published checkpoint strictly (parameter names of the reference, or a documented
+# key conversion), takes RGB in [0, 1], normalises its input as it was trained, and returns logits
+# at the input size. `load_evaluator(name, path)` is the entry point.
+
+EVALUATORS = ("drn-d-105", "upernet-101", "deeplabv2-cocostuff") + tuple(f"segformer-b{i}" for i in range(6))
+DRN_MEAN, DRN_STD = (0.290101, 0.328081, 0.286964), (0.182954, 0.186566, 0.184475)  # fyu/drn Cityscapes info.json
+KAZUTO_MEAN_BGR = (104.008, 116.669, 122.675)  # kazuto1011/deeplab-pytorch configs/cocostuff164k.yaml
+
+
+def drn_conv(cin, cout, kernel=3, stride=1, dilation=1):
+    """conv - BN - ReLU, DRN-D's plain layers (layer0, 1, 2, 7, 8)."""
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, dilation * (kernel // 2), dilation, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+def drn_bottlenecks(inplanes, planes, blocks, stride=1, dilation=1):
+    """A DRN residual layer: torchvision-style bottlenecks, every block at `dilation` (DRN-D's layers 5, 6
+    use the level's dilation from their first block)."""
+    downsample = None
+    if stride != 1 or inplanes != planes * 4:
+        downsample = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4))
+    return nn.Sequential(Bottleneck(inplanes, planes, stride, downsample, dilation),
+                         *[Bottleneck(planes * 4, planes, dilation=dilation) for _ in range(1, blocks)])
+
+
+class DRNSeg(nn.Module):
+    """DRN-D-105 (Yu et al., CVPR 2017) as fyu/drn's `DRNSeg`: `base` = the DRN's layer0..layer8 (output
+    stride 8; layers 5 / 6 dilated 2 / 4, layers 7 / 8 plain convs dilated 2 / 1), `seg` a 1x1
+    classifier, `up` a fixed bilinear ConvTranspose (x8, per class). Robusta Table A5's Cityscapes evaluator."""
+
+    def __init__(self, num_classes=19):
+        super().__init__()
+        self.normalize = Normalize(DRN_MEAN, DRN_STD)
+        self.base = nn.Sequential(
+            drn_conv(3, 16, 7), drn_conv(16, 16), drn_conv(16, 32, stride=2),      # layer0, layer1, layer2
+            drn_bottlenecks(32, 64, 3, stride=2), drn_bottlenecks(256, 128, 4, stride=2),   # layer3, layer4
+            drn_bottlenecks(512, 256, 23, dilation=2), drn_bottlenecks(1024, 512, 3, dilation=4),  # layer5, 6
+            drn_conv(2048, 512, dilation=2), drn_conv(512, 512))                    # layer7, layer8
+        self.seg = nn.Conv2d(512, num_classes, 1)
+        self.up = nn.ConvTranspose2d(num_classes, num_classes, 16, 8, 4, groups=num_classes, bias=False)
+        with torch.no_grad():  # bilinear kernel (fyu/drn's fill_up_weights), not trained
+            t = 1 - (torch.arange(16) / 8 - 15 / 16).abs()
+            self.up.weight.copy_((t[:, None] * t[None, :]).expand_as(self.up.weight))
+        self.up.weight.requires_grad_(False)
+
+    def forward(self, x):
+        y = self.up(self.seg(self.base(self.normalize(x))))  # (N, C, 8 ceil(H/8), 8 ceil(W/8))
+        return y if y.shape[-2:] == x.shape[-2:] else upsample(y, x.shape[-2:])
+
+
+class DeepStemResNet(ResNet):
+    """The ResNet of CSAILVision/semantic-segmentation-pytorch: a deep stem of three 3x3 convs (64, 64,
+    128; conv1..conv3, bn1..bn3) instead of the 7x7, then torchvision's layer1..layer4 (no dilation)."""
+
+    def __init__(self, depth=101):
+        nn.Module.__init__(self)
+        block, layers = RESNET_LAYERS[depth]
+        self.inplanes, self.dilation = 128, 1
+        self.conv1, self.bn1 = nn.Conv2d(3, 64, 3, 2, 1, bias=False), nn.BatchNorm2d(64)
+        self.conv2, self.bn2 = nn.Conv2d(64, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64)
+        self.conv3, self.bn3 = nn.Conv2d(64, 128, 3, 1, 1, bias=False), nn.BatchNorm2d(128)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.layer1 = self._make_layer(block, 64, layers[0])
+        self.layer2 = self._make_layer(block, 128, layers[1], 2)
+        self.layer3 = self._make_layer(block, 256, layers[2], 2)
+        self.layer4 = self._make_layer(block, 512, layers[3], 2)
+        self.channels = [256, 512, 1024, 2048]
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.relu(self.bn2(self.conv2(x)))
+        x = self.maxpool(self.relu(self.bn3(self.conv3(x))))
+        c1 = self.layer1(x)
+        c2 = self.layer2(c1)
+        c3 = self.layer3(c2)
+        return [c1, c2, c3, self.layer4(c3)]
+
+
+def conv3x3_bn_relu(cin, cout):
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class UPerNetHead(nn.Module):
+    """UPerNet's decoder (Xiao et al., ECCV 2018) with CSAILVision's names: pyramid pooling on the last
+    stage (pool 1/2/3/6, upsample, 1x1 conv to 512: `ppm_conv`; `ppm_last_conv`), an FPN top-down
+    path (`fpn_in` laterals, `fpn_out` 3x3 convs), fusion of all levels at 1/4 (`conv_last`)."""
+
+    def __init__(self, num_classes=150, fc_dim=2048, fpn_inplanes=(256, 512, 1024, 2048), fpn_dim=512,
+                 pool_scales=(1, 2, 3, 6)):
+        super().__init__()
+        self.pool_scales = pool_scales
+        self.ppm_conv = nn.ModuleList(nn.Sequential(nn.Conv2d(fc_dim, 512, 1, bias=False), nn.BatchNorm2d(512),
+                                                    nn.ReLU(inplace=True)) for _ in pool_scales)
+        self.ppm_last_conv = conv3x3_bn_relu(fc_dim + len(pool_scales) * 512, fpn_dim)
+        self.fpn_in = nn.ModuleList(nn.Sequential(nn.Conv2d(c, fpn_dim, 1, bias=False), nn.BatchNorm2d(fpn_dim),
+                                                  nn.ReLU(inplace=True)) for c in fpn_inplanes[:-1])
+        self.fpn_out = nn.ModuleList(nn.Sequential(conv3x3_bn_relu(fpn_dim, fpn_dim)) for _ in fpn_inplanes[:-1])
+        self.conv_last = nn.Sequential(conv3x3_bn_relu(len(fpn_inplanes) * fpn_dim, fpn_dim),
+                                       nn.Conv2d(fpn_dim, num_classes, 1))
+
+    def forward(self, feats):
+        c5 = feats[-1]
+        ppm = [c5] + [conv(upsample(F.adaptive_avg_pool2d(c5, s), c5.shape[-2:]))
+                      for s, conv in zip(self.pool_scales, self.ppm_conv)]
+        f = self.ppm_last_conv(torch.cat(ppm, 1))
+        levels = [f]
+        for i in reversed(range(len(feats) - 1)):  # top-down: lateral + upsampled coarser level
+            f = self.fpn_in[i](feats[i]) + upsample(f, feats[i].shape[-2:])
+            levels.insert(0, self.fpn_out[i](f))
+        size = levels[0].shape[-2:]
+        return self.conv_last(torch.cat([levels[0]] + [upsample(l, size) for l in levels[1:]], 1))  # (N, C, H/4, W/4)
+
+
+class UPerNet(nn.Module):
+    """UPerNet-101 of CSAILVision (config ade20k-resnet101-upernet): `encoder` (DeepStemResNet-101) and
+    `decoder` (UPerNetHead), loaded from encoder_epoch_50.pth / decoder_epoch_50.pth. Robusta Table A5's
+    ADE20K evaluator; ImageNet mean / std input."""
+
+    def __init__(self, num_classes=150):
+        super().__init__()
+        self.normalize = Normalize()
+        self.encoder = DeepStemResNet(101)
+        self.decoder = UPerNetHead(num_classes)
+
+    def forward(self, x):
+        return upsample(self.decoder(self.encoder(self.normalize(x))), x.shape[-2:])
+
+
+def kazuto_to_caffe_deeplabv2(state):
+    """kazuto1011/deeplab-pytorch DeepLabV2 keys -> `DeepLabV2(style="caffe")` keys: layer1.conv1.{conv,bn}
+    -> backbone.{conv1,bn1}; layer<k>.block<j>.{reduce,conv3x3,increase,shortcut}.{conv,bn} ->
+    backbone.layer<k-1>.<j-1>.{conv1/bn1, conv2/bn2, conv3/bn3, downsample.0/1}; aspp.c<i> ->
+    layer5.conv2d_list.<i>. The MSC wrapper's `base.` (and DataParallel's `module.`) are dropped."""
+    parts = {"reduce": ("conv1", "bn1"), "conv3x3": ("conv2", "bn2"), "increase": ("conv3", "bn3"),
+             "shortcut": ("downsample.0", "downsample.1")}
+    out = {}
+    for key, value in state.items():
+        for prefix in ("module.", "base."):
+            key = key[len(prefix):] if key.startswith(prefix) else key
+        k = key.split(".")
+        if k[0] == "aspp":
+            new = f"layer5.conv2d_list.{k[1][1:]}.{k[2]}"
+        elif k[0] == "layer1":
+            new = f"backbone.{'conv1' if k[2] == 'conv' else 'bn1'}.{k[3]}"
+        else:
+            conv, bn = parts[k[2]]
+            new = f"backbone.layer{int(k[0][5:]) - 1}.{int(k[1][5:]) - 1}.{conv if k[3] == 'conv' else bn}.{k[4]}"
+        out[new] = value
+    return out
+
+
+def mmseg_to_segformer(state):
+    """NVlabs / mmseg SegFormer checkpoint keys -> `SegFormer` keys: backbone.* -> encoder.*; decode_head.*
+    kept (linear_c1..4.proj, linear_fuse.conv / .bn, linear_pred). The mmseg base head's `conv_seg` is
+    the classifier where there is no `linear_pred` (mmsegmentation), else unused (NVlabs) and dropped."""
+    out = {}
+    has_pred = any(k.startswith("decode_head.linear_pred.") for k in state)
+    for key, value in state.items():
+        if key.startswith("backbone."):
+            out["encoder." + key[len("backbone."):]] = value
+        elif key.startswith("decode_head.conv_seg."):
+            if not has_pred:
+                out["decode_head.linear_pred." + key.split(".")[-1]] = value
+        elif key.startswith("decode_head."):
+            out[key] = value
+    return out
+
+
+def load_evaluator(name, path, num_classes=None):
+    """A fixed pretrained segmenter (Robusta Table A5 / ASH's baselines) in eval mode, from its published
+    checkpoint: forward(RGB in [0, 1], (B, 3, H, W)) -> logits (B, C, H, W); it normalises its input.
+
+    name in EVALUATORS: "drn-d-105" (fyu/drn, Cityscapes), "upernet-101" (CSAILVision, ADE20K; `path` is
+    the folder with encoder_epoch_*.pth and decoder_epoch_*.pth), "deeplabv2-cocostuff" (kazuto1011,
+    COCO-Stuff 164k, single scale), "segformer-b0".."b5" (NVlabs / mmseg full checkpoints). The class
+    count is read from the checkpoint unless `num_classes` is given. A missing file raises
+    data.MissingFile naming the path and where the file is published."""
+    if name not in EVALUATORS:
+        raise data.BadInput(f"unknown evaluator {name!r}; choose from {EVALUATORS}")
+    path = Path(path)
+    if name == "upernet-101":
+        files = {part: sorted(path.glob(f"{part}_epoch_*.pth")) if path.is_dir() else [] for part in ("encoder", "decoder")}
+        for part, found in files.items():
+            if not found:
+                raise data.MissingFile(f"upernet-101: no {part}_epoch_*.pth in {path}; published at {PUBLISHED[name]}")
+        encoder = read_checkpoint(files["encoder"][-1], name)
+        decoder = read_checkpoint(files["decoder"][-1], name)
+        model = UPerNet(num_classes or decoder["conv_last.1.weight"].shape[0])
+        load_strict(model.encoder, encoder, files["encoder"][-1])
+        load_strict(model.decoder, decoder, files["decoder"][-1])
+        return model.eval()
+    state = read_checkpoint(path, name)
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    if name == "drn-d-105":
+        model = DRNSeg(num_classes or state["seg.weight"].shape[0])
+    elif name == "deeplabv2-cocostuff":
+        state = kazuto_to_caffe_deeplabv2(state)
+        model = DeepLabV2(num_classes or state["layer5.conv2d_list.0.weight"].shape[0], 101, style="caffe")
+        model.normalize = CaffeNormalize(KAZUTO_MEAN_BGR)
+    else:
+        state = mmseg_to_segformer(state)
+        model = SegFormer(name.split("-")[1], num_classes or state["decode_head.linear_pred.weight"].shape[0])
+    return load_strict(model, state, path).eval()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -991,10 +1375,56 @@ class GeneratedDataset(data.Cityscapes):
     def __init__(self, root, split="train", size=None, transform=None):
         manifest = Path(root) / "manifest.json"
         if not manifest.is_file():
-            raise FileNotFoundError(f"{manifest} not found: a generated dataset is the folder written by "
+            raise data.MissingFile(f"{manifest} not found: a generated dataset is the folder written by "
                                     f"robusta.py's generation (Cityscapes layout + manifest.json)")
         self.manifest = json.loads(manifest.read_text())
         super().__init__(root, split, size=size, transform=transform)
+
+
+# StreetHazards' own classes: PNG value v -> class v - 1 (hendrycks/anomaly-seg); 14 is the anomaly.
+STREETHAZARDS_CLASSES = ["unlabeled", "building", "fence", "other", "pedestrian", "pole", "road line", "road",
+                         "sidewalk", "vegetation", "car", "wall", "traffic sign"]
+
+
+class StreetHazardsBenchmark(data.StreetHazards):
+    """StreetHazards as its benchmark scores it (hendrycks/anomaly-seg): the segmenter learns the
+    dataset's own 13 classes (PNG value v -> class v - 1, "unlabeled" and "other" included); at
+    test time the anomaly (PNG 14, class 13) is the positive class and every other pixel a negative
+    ("anomaly" = 1 / 0, no void); in "labels" the anomaly is ignored (255) for mIoU."""
+
+    num_classes, class_names = 13, STREETHAZARDS_CLASSES
+    train_table = data._table([(v, v - 1) for v in range(1, 14)], data.IGNORE_INDEX)
+
+    def extra(self, s, raw):
+        return {"anomaly": torch.from_numpy((raw == data.STREETHAZARDS_ANOMALY).astype(np.uint8))}
+
+
+BDD_ANOMALY_TRAINIDS = (16, 17)  # train, motorcycle: the anomaly classes of BDD-Anomaly
+BDD_ANOMALY_CLASSES = [n for t, n in enumerate(data.CLASS_NAMES) if t not in BDD_ANOMALY_TRAINIDS]
+
+
+class BDDAnomaly(data.BDD100K):
+    """BDD-Anomaly (hendrycks/anomaly-seg, from BDD100K segmentation): train and motorcycle are the
+    anomalies. "train" drops every image whose label holds one of them; "val" keeps every image,
+    with "anomaly" = 1 on them, 0 on the other 17 classes, 255 on void (our choice: void is no
+    negative). The segmenter learns 17 classes (the 19 trainIds without 16 and 17, in order)."""
+
+    num_classes, class_names = 17, BDD_ANOMALY_CLASSES
+    train_table = data._table([(t, i) for i, t in enumerate(t for t in range(19) if t not in BDD_ANOMALY_TRAINIDS)],
+                              data.IGNORE_INDEX)
+
+    def __init__(self, root, split="train", size=None, transform=None, **kwargs):
+        super().__init__(root, split, size, transform, **kwargs)
+        if split == "train":
+            keep = [s for s in self.samples
+                    if not np.isin(data.read_label(s["label"]).numpy(), BDD_ANOMALY_TRAINIDS).any()]
+            print(f"BDD-Anomaly: {len(self.samples) - len(keep)} of {len(self.samples)} training images hold "
+                  f"train / motorcycle and are left out", flush=True)
+            self.samples = keep
+
+    def extra(self, s, raw):
+        anomaly = np.where(raw == data.IGNORE_INDEX, 255, np.isin(raw, BDD_ANOMALY_TRAINIDS)).astype(np.uint8)
+        return {"anomaly": torch.from_numpy(anomaly)}
 
 
 def collate(samples):
@@ -1012,7 +1442,10 @@ class MeanTeacher:
 
     Our choices where F.1 is silent: EMA decay 0.999 with Tarvainen's ramp min(decay, 1 - 1/(step+1));
     buffers (BN statistics) copied from the student; pseudo-labels are the teacher's argmax where
-    its max softmax probability reaches `threshold` (elsewhere 255, ignored).
+    its max softmax probability reaches `threshold` (elsewhere 255, ignored); the pseudo-label loss
+    is weighted by the fraction of confident pixels (`pseudo_label_loss`, as DACS / DAFormer).
+    Build it after `Run.wrap` (DDP's initial broadcast), so that every rank starts from one teacher,
+    and `update` it only after a step the optimizer really took (`Run.update_scaler`).
     """
 
     def __init__(self, student, decay=0.999):
@@ -1034,6 +1467,14 @@ class MeanTeacher:
         return labels.masked_fill(confidence < threshold, data.IGNORE_INDEX)
 
 
+def pseudo_label_loss(logits, pseudo):
+    """Cross-entropy summed over the confident pixels / all pixels: the mean over confident pixels
+    weighted by their fraction (DACS / DAFormer), hence 0, not NaN, when no pixel is confident.
+    logits (N, C, H, W), pseudo (N, H, W) with 255 where the teacher is not confident."""
+    ce = F.cross_entropy(logits, pseudo, ignore_index=data.IGNORE_INDEX, reduction="sum")
+    return ce / pseudo.numel()
+
+
 # Table A4 (Robusta supplementary): DeepLab-v3+, output stride 8, SGD + poly. "epochs" count passes
 # over the real + generated training set; crop None = whole images.
 PRESETS = {
@@ -1053,15 +1494,19 @@ PRESETS = {
                          max_eval_images=20),
 }
 DATASET_PRESET = {"toycity": "toycity-demo", "cityscapes": "cityscapes", "streethazards": "streethazards",
-                  "bdd100k": "bdd-anomaly"}
+                  "bdd100k": "bdd-anomaly", "bdd-anomaly": "bdd-anomaly"}
 # SegFormer's own recipe (Xie et al.): AdamW, lr 6e-5, weight decay 0.01, poly power 1.
 SEGFORMER_RECIPE = dict(optimizer="adamw", lr=6e-5, weight_decay=0.01, poly_power=1.0)
 # Everything else: DeepLab's SGD recipe.
 DEFAULTS = dict(optimizer="sgd", poly_power=0.9, output_stride=8, severities=[1, 2, 3, 4, 5])
 
-# --dataset name -> reader class of data.py
-DATASETS = {"toycity": "Cityscapes", "cityscapes": "Cityscapes", "gta5": "GTA5", "synthia": "Synthia",
-            "mapillary": "Mapillary", "bdd100k": "BDD100K", "streethazards": "StreetHazards"}
+# --dataset name -> reader (data.py's, or a benchmark protocol above); the split each trains on
+DATASETS = {"toycity": data.Cityscapes, "cityscapes": data.Cityscapes, "gta5": data.GTA5, "synthia": data.Synthia,
+            "mapillary": data.Mapillary, "bdd100k": data.BDD100K, "bdd-anomaly": BDDAnomaly,
+            "streethazards": StreetHazardsBenchmark}
+TRAIN_SPLIT = {"gta5": "all", "synthia": "all"}  # domain generalisation trains on every image
+# --ood-dataset name -> reader whose samples carry an "anomaly" map (ToyCity's outlier/ is a cityscapes layout)
+OOD_DATASETS = {"cityscapes": data.Cityscapes, "streethazards": StreetHazardsBenchmark, "bdd-anomaly": BDDAnomaly}
 
 
 def parse_args(argv=None):
@@ -1075,6 +1520,10 @@ def parse_args(argv=None):
     p.add_argument("--output-stride", type=int, default=None, choices=[8, 16],
                    help="DeepLab-v3+ output stride (Table A4: 8)")
     p.add_argument("--multi-level", action="store_true", help="DeepLab-v2: second classifier as in CLAN")
+    p.add_argument("--style", default="torchvision", choices=["torchvision", "caffe"],
+                   help="DeepLab-v2 backbone: torchvision's ResNet, or CLAN / AdaptSegNet's Caffe form (stride in the "
+                        "first 1x1 conv, every layer3 / layer4 block dilated 2 / 4, BN frozen; --pretrained then "
+                        "reads DeepLab_resnet_pretrained_init-f81d91e8.pth)")
     p.add_argument("--pretrained", default=None, help="ImageNet checkpoint of the backbone (resnet*.pth, mit_b*.pth)")
     p.add_argument("--weights", default=None, help="a segmenter checkpoint to start from / evaluate")
     p.add_argument("--optimizer", default=None, choices=["sgd", "adamw"], help="sgd (DeepLab) or adamw (SegFormer)")
@@ -1082,7 +1531,11 @@ def parse_args(argv=None):
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--weight-decay", type=float, default=None, help="weight decay (Table A4)")
     p.add_argument("--poly-power", type=float, default=None, help="poly schedule power (0.9 DeepLab, 1.0 SegFormer)")
-    p.add_argument("--batch-size", type=int, default=None, help="images per step per process (Table A4)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per step PER PROCESS (Table A4's are global: under torchrun with N processes the "
+                        "effective batch is N times this; see --global-batch-size)")
+    p.add_argument("--global-batch-size", type=int, default=None,
+                   help="images per step over all processes (divided among them; overrides --batch-size)")
     p.add_argument("--epochs", type=int, default=None, help="passes over the training set (Table A4)")
     p.add_argument("--steps", type=int, default=None, help="training steps (overrides --epochs)")
     p.add_argument("--train-minutes", type=float, default=None,
@@ -1097,7 +1550,10 @@ def parse_args(argv=None):
     p.add_argument("--ema", type=float, default=0.999, help="teacher EMA decay (our choice)")
     p.add_argument("--pseudo-threshold", type=float, default=0.9,
                    help="teacher confidence for a pseudo-label (our choice)")
-    p.add_argument("--pseudo-weight", type=float, default=1.0, help="weight of the pseudo-label loss (our choice)")
+    p.add_argument("--pseudo-weight", type=float, default=1.0,
+                   help="weight of the pseudo-label loss, itself weighted by the confident fraction (our choice)")
+    p.add_argument("--eval-teacher", action="store_true",
+                   help="also evaluate the mean teacher (F.1 does not say which model is evaluated): results['teacher']")
     p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
     p.add_argument("--eval-mode", default="whole", choices=["whole", "slide"], help="whole-image or sliding window")
     p.add_argument("--eval-crop", type=int, nargs=2, default=(512, 1024), help="sliding-window size (H W)")
@@ -1106,10 +1562,15 @@ def parse_args(argv=None):
     p.add_argument("--corruptions", nargs="*", default=None,
                    help="corruptions to evaluate (default: all of data.CORRUPTIONS; give none to skip)")
     p.add_argument("--severities", type=int, nargs="+", default=None, help="corruption severities (default 1..5)")
+    p.add_argument("--split-file", default=None,
+                   help="train on the images listed in this text file (one name per line); default: the dataset's "
+                        "train split (GTA5 / SYNTHIA: every image)")
     p.add_argument("--target-dataset", default=None, choices=sorted(DATASETS), help="unseen domain to evaluate")
     p.add_argument("--target-root", default=None, help="root of --target-dataset")
-    p.add_argument("--ood-dataset", default=None, choices=["cityscapes", "streethazards"],
-                   help="outlier split with an anomaly map (ToyCity's outlier/ is a cityscapes layout)")
+    p.add_argument("--ood-dataset", default=None, choices=sorted(OOD_DATASETS),
+                   help="outlier split with an anomaly map (ToyCity's outlier/ is a cityscapes layout; streethazards: "
+                        "its test split; bdd-anomaly: BDD100K val, train / motorcycle positive); --dataset "
+                        "streethazards / bdd-anomaly use their own by default")
     p.add_argument("--ood-root", default=None, help="root of --ood-dataset")
     p.add_argument("--max-eval-images", type=int, default=None, help="evaluate on the first N images only (0: all)")
     p.add_argument("--no-eval", action="store_true", help="train only")
@@ -1132,26 +1593,51 @@ def resolve_args(args):
 
 
 def dataset_roots(args):
-    """(train, val, target val, ood) datasets for args.dataset; ToyCity: source / target / outlier."""
-    cls = getattr(data, DATASETS[args.dataset])
+    """(train, val, target val, ood) datasets for args.dataset; ToyCity: source / target / outlier.
+
+    GTA5 and SYNTHIA train on every image ('all', as domain generalisation does) and evaluate on a
+    val split only where one exists (GTA5's split.mat or val.txt, SYNTHIA's val.txt); without one,
+    source evaluation is skipped with one line. StreetHazards and BDD-Anomaly follow their
+    benchmark (`StreetHazardsBenchmark`, `BDDAnomaly`): their test / val split is the OOD set.
+    `--no-eval` builds no evaluation set at all."""
     size = tuple(args.size) if args.size else None
     if args.dataset == "toycity":
+        cls = data.Cityscapes
         root = Path(args.data_root) if args.data_root else data.toycity(size=tuple(args.size or (128, 256)))
-        train = cls(root / "source", "train", size=size)
+        train = cls(root / "source", "train", size=size, split_file=args.split_file)
+        if args.no_eval:
+            return train, None, None, None
         val = cls(root / "source", "val", size=size)
         target = cls(root / "target", "val", size=size) if (root / "target").exists() else None
         ood = cls(root / "outlier", "val", size=size) if (root / "outlier").exists() else None
         return train, val, target, ood
     if args.data_root is None:
-        raise ValueError(f"--data-root is required for --dataset {args.dataset}")
-    train, val = cls(args.data_root, "train", size=size), cls(args.data_root, "val", size=size)
+        raise data.UserError(f"--data-root is required for --dataset {args.dataset}")
+    cls = DATASETS[args.dataset]
+    train = cls(args.data_root, TRAIN_SPLIT.get(args.dataset, "train"), size=size, split_file=args.split_file)
+    if args.no_eval:
+        return train, None, None, None
+    val = None
+    if args.dataset in ("gta5", "synthia"):
+        try:
+            val = cls(args.data_root, "val", size=size)
+        except data.MissingFile:
+            print(f"[{args.name}] {args.dataset}: no val split under {args.data_root} (split.mat / val.txt); "
+                  f"source evaluation skipped", flush=True)
+    elif args.dataset != "bdd-anomaly":  # BDD-Anomaly's val split is its OOD set
+        val = cls(args.data_root, "val", size=size)
     target = None
     if args.target_dataset:
-        target = getattr(data, DATASETS[args.target_dataset])(args.target_root, "val", size=size)
+        target = DATASETS[args.target_dataset](args.target_root, "val", size=size)
+    ood_dataset, ood_root = args.ood_dataset, args.ood_root
+    if ood_dataset is None and args.dataset in ("streethazards", "bdd-anomaly"):
+        ood_dataset, ood_root = args.dataset, args.data_root  # the benchmark's own OOD split
     ood = None
-    if args.ood_dataset:
-        ood = getattr(data, DATASETS[args.ood_dataset])(
-            args.ood_root, "val" if args.ood_dataset == "cityscapes" else "test", size=size)
+    if ood_dataset:
+        if ood_root is None:
+            raise data.UserError(f"--ood-dataset {ood_dataset} needs --ood-root")
+        split = {"cityscapes": "val", "streethazards": "test", "bdd-anomaly": "val"}[ood_dataset]
+        ood = OOD_DATASETS[ood_dataset](ood_root, split, size=size)
     return train, val, target, ood
 
 
@@ -1170,11 +1656,34 @@ def jsonable(args):
     return json.loads(json.dumps(vars(args), default=str))
 
 
+def set_batch_size(args, run):
+    """--global-batch-size G -> G / world_size images per process; print the effective batch as the
+    run's first line (Table A4's batch sizes are global: under torchrun, --batch-size is per process)."""
+    if args.global_batch_size:
+        if args.global_batch_size % run.world_size:
+            raise data.BadInput(f"--global-batch-size {args.global_batch_size} is not a multiple of the "
+                                f"{run.world_size} processes")
+        args.batch_size = args.global_batch_size // run.world_size
+    if run.is_main:
+        print(f"[{args.name}] effective batch {args.batch_size * run.world_size} = {args.batch_size} per process "
+              f"x {run.world_size} process{'es' if run.world_size > 1 else ''}", flush=True)
+
+
 def train_segmenter(args):
-    """Train (and evaluate) a segmenter; the CLI of this file. Returns (model, results dict)."""
+    """Train (and evaluate) a segmenter; the CLI of this file. Returns (model, results dict);
+    with --eval-teacher, results["teacher"] holds the mean teacher's results."""
     resolve_args(args)
+    if args.eval_teacher and not args.mean_teacher:
+        raise data.UserError("--eval-teacher evaluates the mean teacher: add --mean-teacher")
+    if args.mean_teacher and not args.generated:
+        raise data.UserError("--mean-teacher pseudo-labels generated images: give at least one --generated PATH")
+    if args.style == "caffe" and not (args.pretrained or args.weights or args.resume):
+        raise data.UserError("--style caffe freezes BatchNorm at its pretrained statistics: start from AdaptSegNet's "
+                             f"init, --pretrained DeepLab_resnet_pretrained_init-f81d91e8.pth ({PUBLISHED['adaptsegnet-init']})")
     run = Run(args)
+    set_batch_size(args, run)
     train_set, val_set, target_set, ood_set = dataset_roots(args)
+    num_classes = train_set.num_classes
     transform = [data.RandomFlip()]
     if args.crop:
         transform.insert(0, data.RandomScaleCrop(tuple(args.crop)))
@@ -1182,37 +1691,29 @@ def train_segmenter(args):
     generated = [GeneratedDataset(root, size=tuple(args.size) if args.size else None, transform=train_set.transform)
                  for root in args.generated]
     supervised = torch.utils.data.ConcatDataset(([] if args.no_real else [train_set]) + generated)
-    if args.mean_teacher and not generated:
-        raise ValueError("--mean-teacher pseudo-labels generated images: give at least one --generated PATH")
 
     kwargs = {}
     if args.model.startswith("deeplabv3plus"):
         kwargs["output_stride"] = args.output_stride
     if args.model.startswith("deeplabv2"):
-        kwargs["multi_level"] = args.multi_level
-    model = build_model(args.model, data.NUM_CLASSES, args.pretrained, **kwargs)
+        kwargs.update(multi_level=args.multi_level, style=args.style)
+    model = build_model(args.model, num_classes, args.pretrained, **kwargs)
     if args.weights:
         model.load_state_dict(load_weights(args.weights))
     optimizer = make_optimizer(model, args)
-    teacher = MeanTeacher(model, args.ema) if args.mean_teacher else None
 
     loader = run.loader(supervised, args.batch_size, shuffle=True, drop_last=True, collate_fn=collate)
     total = args.steps or args.epochs * len(loader)
     step = 0
     state = run.resume()
     if args.eval_only and state is None and not args.weights:
-        raise ValueError("--eval-only needs trained weights: --weights PATH or --resume auto|PATH")
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        run.scaler.load_state_dict(state["scaler"])
-        if teacher is not None:
-            teacher.teacher.load_state_dict(state["teacher"])
-        run.set_rng_state(state["rng"])
-        step, total = state["step"], state["total"]
+        raise data.UserError("--eval-only needs trained weights: --weights PATH or --resume auto|PATH")
+    if state is not None:  # modules go to the device before the optimizer state is loaded
+        step, total = run.restore(state, {"model": model}, {"optimizer": optimizer}), state["total"]
     model = run.wrap(model)
-    if teacher is not None:
-        teacher.teacher.to(run.device)
+    teacher = MeanTeacher(model, args.ema) if args.mean_teacher else None  # after DDP's broadcast
+    if teacher is not None and state is not None:
+        teacher.teacher.load_state_dict(state["teacher"])
 
     def checkpoint(step):
         state = {"step": step, "total": total, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
@@ -1248,14 +1749,14 @@ def train_segmenter(args):
                 loss_sup = F.cross_entropy(logits[:n], labels, ignore_index=data.IGNORE_INDEX)
                 loss = loss_sup
                 if pseudo_batches is not None:  # F.1: supervised and pseudo-label losses together
-                    loss_pseudo = F.cross_entropy(logits[n:], pseudo, ignore_index=data.IGNORE_INDEX)
+                    loss_pseudo = pseudo_label_loss(logits[n:], pseudo)
                     loss = loss_sup + args.pseudo_weight * loss_pseudo
             run.check_finite(loss, step)
             optimizer.zero_grad(set_to_none=True)
             run.scaler.scale(loss).backward()
             run.scaler.step(optimizer)
-            run.scaler.update()
-            if teacher is not None:
+            stepped = run.update_scaler()
+            if teacher is not None and stepped:  # a step skipped by the fp16 scaler leaves the teacher
                 teacher.update(model, step)
             scalars = {"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]}
             if pseudo_batches is not None:
@@ -1278,7 +1779,16 @@ def train_segmenter(args):
         return unwrap(model), {}
     results = {}
     if run.is_main:
-        results = evaluate_all(unwrap(model), args, run, val_set, target_set, ood_set)
+        sets = (val_set, target_set, ood_set)
+        results, pictures = evaluate_all(unwrap(model), args, run.device, *sets, train_set.class_names)
+        if teacher is not None and args.eval_teacher:
+            print("\nmean teacher:", flush=True)
+            results["teacher"], teacher_pictures = evaluate_all(teacher.teacher, args, run.device, *sets,
+                                                                train_set.class_names)
+            pictures += [(f"teacher, {heading}", items) for heading, items in teacher_pictures]
+        (run.dir / "results.json").write_text(json.dumps(results, indent=2))
+        run.write_index(f"segment.py: {args.model} on {args.dataset}", pictures)
+        print(f"\nresults: {run.dir / 'results.json'}, pictures: {run.dir / 'index.html'}", flush=True)
     run.close()
     return unwrap(model), results
 
@@ -1298,7 +1808,7 @@ def load_weights(path):
     """A segmenter state_dict from a checkpoint of this file (key "model") or a bare state_dict."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"segmenter weights not found at {path} (a runs/<name>/last.pt of segment.py)")
+        raise data.MissingFile(f"segmenter weights not found at {path} (a runs/<name>/last.pt of segment.py)")
     state = torch.load(path, map_location="cpu", weights_only=True)
     return state.get("model", state)
 
@@ -1347,10 +1857,24 @@ def eval_loader(dataset, batch_size=2, max_images=None, workers=0):
                                        num_workers=workers)
 
 
+def in_eval_mode(fn):
+    """Run fn(model, ...) with the model in eval mode, and give it back in the mode it had (a training
+    loop that evaluates keeps training with dropout and batch statistics)."""
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kwargs):
+        was_training = model.training
+        model.eval()
+        try:
+            return fn(model, *args, **kwargs)
+        finally:
+            model.train(was_training)
+    return wrapper
+
+
+@in_eval_mode
 @torch.no_grad()
 def evaluate(model, loader, device, num_classes=19, **predict_kwargs):
     """One confusion matrix over the whole loader (Cityscapes convention) -> metrics.ConfusionMatrix."""
-    model.eval()
     cm = metrics.ConfusionMatrix(num_classes)
     for batch in loader:
         logits = predict(model, batch["image"].to(device), **predict_kwargs)
@@ -1391,55 +1915,74 @@ def evaluate_corruptions(model, dataset, device, corruptions=None, severities=(1
     return {"miou": table, "per_corruption": per, "mean": mean}
 
 
+@in_eval_mode
 @torch.no_grad()
-def evaluate_ood(model, loader, device, kinds=("msp", "entropy", "maxlogit"), **predict_kwargs):
+def evaluate_ood(model, loader, device, kinds=("msp", "entropy", "maxlogit"), per_image=False, **predict_kwargs):
     """Pixel-level OOD detection on a split with an "anomaly" map (1 = OOD, 0 = in-distribution, 255 = void):
-    AUROC, AUPR, FPR95 for each anomaly score (max softmax probability, entropy, max logit)."""
-    model.eval()
+    {kind: {"auroc", "aupr", "fpr95"}} for each anomaly score (max softmax probability, entropy, max
+    logit), pooled over every pixel of the split; with `per_image`, also "per_image": their mean over
+    the images that hold both OOD and in-distribution pixels, and that number of "images"
+    (hendrycks/anomaly-seg's StreetHazards / BDD-Anomaly figures)."""
     meters = {kind: metrics.OODMeter() for kind in kinds}
+    rows = {kind: [] for kind in kinds}
     for batch in loader:
         if "anomaly" not in batch:
-            raise ValueError("evaluate_ood needs samples with an 'anomaly' map (ToyCity outlier/, StreetHazards)")
+            raise data.BadInput("evaluate_ood needs samples with an 'anomaly' map (ToyCity outlier/, StreetHazards)")
         logits = predict(model, batch["image"].to(device), **predict_kwargs).cpu()
-        anomaly = batch["anomaly"]
+        anomaly = batch["anomaly"]  # (N, H, W)
         for kind in kinds:
             # Robusta F.2 / Table A4 (outlier detection): pixel-level scores, OOD = positive
-            meters[kind].update(metrics.anomaly_scores(logits, kind), anomaly == 1, anomaly != 255)
-    return {kind: meter.compute() for kind, meter in meters.items()}
+            scores = metrics.anomaly_scores(logits, kind)
+            meters[kind].update(scores, anomaly == 1, anomaly != 255)
+            for s, a in zip(scores, anomaly) if per_image else ():
+                if (a == 1).any() and (a == 0).any():  # images that are all ID (or all OOD) have no figure
+                    rows[kind].append(metrics._ood_metrics(*metrics._exact_counts(s, a)))  # (AUROC, AP, FPR95)
+    results = {kind: meter.compute() for kind, meter in meters.items()}
+    if per_image:
+        for kind in kinds:
+            r = np.array(rows[kind]).reshape(-1, 3)
+            mean = r.mean(0) if len(r) else np.full(3, np.nan)
+            results[kind]["per_image"] = {"auroc": float(mean[0]), "aupr": float(mean[1]), "fpr95": float(mean[2]),
+                                          "images": len(r)}
+    return results
 
 
-def evaluate_all(model, args, run, val_set, target_set, ood_set):
-    """Everything the CLI reports: per-class IoU tables, corruptions, OOD; results.json + index.html."""
-    device, kw = run.device, dict(mode=args.eval_mode, scales=tuple(args.scales), crop=tuple(args.eval_crop))
+@in_eval_mode
+def evaluate_all(model, args, device, val_set, target_set, ood_set, class_names=data.CLASS_NAMES):
+    """Everything the CLI reports: per-class IoU tables, corruptions, OOD -> (results, pictures), where
+    pictures are index.html sections of (caption, image) rows."""
+    kw = dict(mode=args.eval_mode, scales=tuple(args.scales), crop=tuple(args.eval_crop))
+    num_classes = len(class_names)
     results, pictures = {}, []
     for split, dataset in (("val", val_set), ("target", target_set)):
         if dataset is None:
             continue
         loader = eval_loader(dataset, args.eval_batch_size, args.max_eval_images)
-        cm = evaluate(model, loader, device, data.NUM_CLASSES, **kw)
-        results[split] = {"miou": cm.miou(), "iou": dict(zip(data.CLASS_NAMES, cm.iou().tolist()))}
-        print(f"\n{split}: mIoU {100 * cm.miou():.2f}\n{cm.table(data.CLASS_NAMES)}", flush=True)
+        cm = evaluate(model, loader, device, num_classes, **kw)
+        results[split] = {"miou": cm.miou(), "iou": dict(zip(class_names, cm.iou().tolist()))}
+        print(f"\n{split}: mIoU {100 * cm.miou():.2f}\n{cm.table(class_names)}", flush=True)
         pictures.append((f"{split}: image / ground truth / prediction", sample_pictures(model, dataset, device, kw)))
-    if args.corruptions != []:
+    if args.corruptions != [] and val_set is not None:
         corr = evaluate_corruptions(model, val_set, device, args.corruptions, tuple(args.severities),
-                                    data.NUM_CLASSES, args.eval_batch_size, args.max_eval_images, **kw)
+                                    num_classes, args.eval_batch_size, args.max_eval_images, **kw)
         results["corruptions"] = corr
         print(corruption_table(corr), flush=True)
         name = next(iter(corr["miou"]))
         pictures.append((f"corrupted val ({name}, severity {max(args.severities)})", sample_pictures(
             model, Corrupted(val_set, name, max(args.severities)), device, kw)))
     if ood_set is not None:
-        ood = evaluate_ood(model, eval_loader(ood_set, args.eval_batch_size, args.max_eval_images), device, **kw)
+        ood = evaluate_ood(model, eval_loader(ood_set, args.eval_batch_size, args.max_eval_images), device,
+                           per_image=True, **kw)
         results["ood"] = ood
-        print("\nOOD detection (pixels; OOD = positive)\n| score | AUROC | AUPR | FPR95 |\n|---|---:|---:|---:|")
+        print("\nOOD detection (pixels; OOD = positive): pooled over the split | mean over images\n"
+              "| score | AUROC | AUPR | FPR95 | AUROC/img | AUPR/img | FPR95/img |\n|---|---:|---:|---:|---:|---:|---:|")
         for kind, m in ood.items():
-            print(f"| {kind} | {100 * m['auroc']:.2f} | {100 * m['aupr']:.2f} | {100 * m['fpr95']:.2f} |", flush=True)
+            i = m["per_image"]
+            print(f"| {kind} | {100 * m['auroc']:.2f} | {100 * m['aupr']:.2f} | {100 * m['fpr95']:.2f} | "
+                  f"{100 * i['auroc']:.2f} | {100 * i['aupr']:.2f} | {100 * i['fpr95']:.2f} |", flush=True)
         pictures.append(("outlier split: image / ground truth / prediction",
                          sample_pictures(model, ood_set, device, kw)))
-    (run.dir / "results.json").write_text(json.dumps(results, indent=2))
-    run.write_index(f"segment.py: {args.model} on {args.dataset}", pictures)
-    print(f"\nresults: {run.dir / 'results.json'}, pictures: {run.dir / 'index.html'}", flush=True)
-    return results
+    return results, pictures
 
 
 def corruption_table(corr):
@@ -1454,10 +1997,10 @@ def corruption_table(corr):
     return "\n".join(lines)
 
 
+@in_eval_mode
 @torch.no_grad()
 def sample_pictures(model, dataset, device, predict_kwargs, count=3):
     """[(caption, uint8 (H, 3W, 3) image | colour ground truth | colour prediction)] for index.html."""
-    model.eval()
     out = []
     for i in range(min(count, len(dataset))):
         sample = dataset[i]
