@@ -58,11 +58,12 @@ import segment
 # overrides its preset value. Sizes are (H, W): Table A2's "512 x 256" for Cityscapes is W x H.
 # "crop" None = no random crop. Epochs: 200 for G_coarse, 100 for G_fine in every column.
 # label_nc: one-hot channels (35 Cityscapes ids as in pix2pixHD; 151 ADE20K; 183 COCO-Stuff).
-# KAIST (infrared) is conditioned on Cityscapes-style label maps here (our choice). Widths (ngf 64
-# = Table A1), block counts (9 G_coarse blocks as pix2pixHD, 16 G_fine blocks as SRGAN) and
-# lambda_L1 = 10 of Eq. (A3) are not in the tables: our choices.
-_CITYSCAPES = dict(label_nc=35, segformer="b5", ngf=64, n_blocks=9, spade_hidden=128, ndf=64, fine_nf=64,
-                   fine_blocks=16, lambda_l1=10.0, minutes=None, fine_minutes=None, lr=2e-4, batch_size=8,
+# KAIST (infrared) is conditioned on Cityscapes-style label maps here (our choice). Network sizes
+# are read off Table A11 (see `GCoarse`, `GFine`): 3 SPADE ResNet blocks in G_coarse (G_coarse + D
+# then have Table A11's parameter count), G_fine at scale 8 (its body on I_LR at H/8), width 384,
+# 6 blocks. lambda_L1 = 10 of Eq. (A3) is not in the tables: our choice.
+_CITYSCAPES = dict(label_nc=35, segformer="b5", ngf=64, n_blocks=3, spade_hidden=128, ndf=64, fine_nf=384,
+                   fine_blocks=6, fine_scale=8, lambda_l1=10.0, minutes=None, fine_minutes=None, lr=2e-4, batch_size=8,
                    size=(256, 512), weight_decay=1e-5,
                    epochs=200, crop=None, lambda_vgg=5.0, lambda_fm=5.0,
                    fine_lr=2e-4, fine_batch_size=8, fine_size=(256, 512), fine_weight_decay=0.0, fine_epochs=100,
@@ -81,7 +82,7 @@ PRESETS = {
     # stage, a faster learning rate, and no L_VGG (no ImageNet VGG ships offline, and random VGG
     # features cost most of a CPU step; give --vgg PATH --lambda-vgg 5 --fine-lambda-vgg 10 to use it).
     "toycity": dict(_CITYSCAPES, segformer="b0", ngf=16, n_blocks=3, spade_hidden=32, ndf=16, fine_nf=16,
-                    fine_blocks=2, lr=5e-4, batch_size=4, size=(64, 128), weight_decay=0.0, epochs=100, minutes=6.0,
+                    fine_blocks=2, fine_scale=2, lr=5e-4, batch_size=4, size=(64, 128), weight_decay=0.0, epochs=100, minutes=6.0,
                     lambda_vgg=0.0, fine_lr=5e-4, fine_batch_size=4, fine_size=(64, 128), fine_epochs=30,
                     fine_minutes=2.0, fine_lambda_vgg=0.0),
 }
@@ -159,16 +160,18 @@ class GCoarse(nn.Module):
     the convolutional down block (-> 2 ngf = 128 channels at H/2) and a SegFormer (segment.py)
     whose all-MLP decoder features (embed_dim, H/4) go through a dense layer (per-pixel Linear),
     a bilinear resize to the latent resolution H/2 and SegFormer's fuse-conv (1x1 conv-BN-ReLU) to
-    128 channels. Concatenated (256 channels), they pass n_blocks SPADE ResNet blocks (9 as in
-    pix2pixHD: our choice, the paper does not give the number), ConvTranspose s2 - SPADE - ReLU, and
-    Conv3 - tanh. SPADE reads the one-hot label map.
+    128 channels. Concatenated (256 channels), they pass n_blocks SPADE ResNet blocks,
+    ConvTranspose s2 - SPADE - ReLU, and Conv3 - tanh. SPADE reads the one-hot label map.
+    The paper does not give n_blocks; Table A11 implies it: with SegFormer-B5 and the 2-scale D at
+    Cityscapes' 256 x 512, 3 blocks give 99.1 M parameters (Table A11: 98.6 M), pix2pixHD's 9 give
+    113.8 M (each block adds 2 x (590 k conv + 630 k SPADE) = 2.4 M).
 
     Ablation switches (Table A6, A7): `segformer` None replaces the SegFormer branch by a second
     convolutional down block as in pix2pixHD (our reading of "SegFormer off"); `spade` False puts
     BatchNorm in place of every SPADE ("SPADE 1"); `segformer` "b0".."b5" picks its size.
     """
 
-    def __init__(self, label_nc=35, ngf=64, n_blocks=9, segformer="b5", spade=True, spade_hidden=128):
+    def __init__(self, label_nc=35, ngf=64, n_blocks=3, segformer="b5", spade=True, spade_hidden=128):
         super().__init__()
         latent = 4 * ngf
         self.down = down_block(label_nc, ngf)  # (N, 2 ngf, H/2, W/2)
@@ -217,19 +220,30 @@ class SRBlock(nn.Module):
 
 
 class GFine(nn.Module):
-    """The second generator: SRGAN-style residual refinement of G_coarse's image (Sec. A.2).
+    """The second generator: SRGAN on I_LR (Sec. A.2), conditioned on the label map by SPADE.
 
-    Conv9 - PReLU, n_blocks residual blocks, Conv3 - norm plus a long skip, one
-    (Conv3 -> 4 nf, PixelShuffle 2, PReLU) per factor 2 of `scale`, Conv9 -> 3. The output is the
-    (bicubically upsampled) input image plus this residual, clamped to [-1, 1] (our choice:
-    a refinement starts from the coarse image). `spade` ("SPADE 2", Table A6) puts SPADE on the
-    label map in place of SRGAN's BatchNorm. Block count 16 and width 64 are SRGAN's (our choice).
+    Input: I_LR, G_coarse's image downsampled by `scale` (N, 3, H/s, W/s), and the label map
+    (N, label_nc, H, W). Conv9 - PReLU, n_blocks residual blocks, Conv3 - norm plus a long skip,
+    all at H/s; then one (Conv3 -> 4 nf, PixelShuffle 2, PReLU) per factor 2 of `scale`, and
+    Conv9 -> 3 at (H, W). The output is the bicubically upsampled I_LR plus this residual, clamped
+    to [-1, 1] (our choice: G_fine learns what the reduction lost). `spade` ("SPADE 2", Table A6)
+    puts SPADE on the label map in place of SRGAN's BatchNorm.
+
+    Size (Table A11, G_fine + D_fine: 50.5 M parameters, 297.3 GMACs on one 256 x 512 input under
+    torchinfo's count): the paper gives no architecture, so scale / width / depth are read off
+    these two figures. At full resolution (scale 1) any width that reaches 50 M parameters costs
+    ~ 50 M x 131 k positions = 6.6 TMACs, 20 times too many; the figures are reachable only if the
+    body runs at reduced resolution, as SRGAN's does on I_LR. With scale 8 (the body at 32 x 64),
+    width 384 and 6 blocks, the three upsampling convs carry most mult-adds (at 32 x 64, 64 x 128,
+    128 x 256) and the body + SPADE most parameters: `python robusta.py profile` prints the
+    figures beside Table A11 (both within 10%). SRGAN's own 16 blocks of width 64 at scale 4 have
+    1.5 M parameters.
     """
 
     def __init__(self, label_nc=35, nf=64, n_blocks=16, scale=1, spade=True, spade_hidden=128):
         super().__init__()
-        if scale not in (1, 2, 4):
-            raise ValueError(f"GFine scale must be 1, 2 or 4, got {scale}")
+        if scale not in (1, 2, 4, 8):
+            raise ValueError(f"GFine scale must be 1, 2, 4 or 8, got {scale}")
         self.scale = scale
         self.head = nn.Sequential(nn.Conv2d(3, nf, 9, padding=4), nn.PReLU())
         self.blocks = nn.ModuleList([SRBlock(nf, label_nc, spade, spade_hidden) for _ in range(n_blocks)])
@@ -238,14 +252,14 @@ class GFine(nn.Module):
                                         for m in (conv3x3(nf, 4 * nf), nn.PixelShuffle(2), nn.PReLU())])
         self.tail = nn.Conv2d(nf, 3, 9, padding=4)
 
-    def forward(self, image, label):  # image (N, 3, H, W) in [-1, 1], label (N, label_nc, H', W')
-        x = self.head(image)
+    def forward(self, image, label):  # image: I_LR (N, 3, H/s, W/s) in [-1, 1]; label (N, label_nc, H, W)
+        x = self.head(image)  # (N, nf, H/s, W/s)
         y = x
         for block in self.blocks:
             y = block(y, label)
         y = self.body_conv(y)
         y = x + normalize(self.body_norm, y, label)
-        residual = self.tail(self.upsample(y))
+        residual = self.tail(self.upsample(y))  # (N, 3, H, W)
         if self.scale > 1:
             image = F.interpolate(image, scale_factor=self.scale, mode="bicubic", align_corners=False)
         return (image + residual).clamp(-1, 1)
@@ -365,11 +379,12 @@ class VGGLoss(nn.Module):
 
 
 def gan_loss(outputs, real, mode="ls", for_discriminator=True):
-    """Adversarial loss over every scale of a MultiscaleDiscriminator (mean over scales).
+    """Adversarial loss of a MultiscaleDiscriminator, summed over its scales (pix2pixHD's GANLoss).
 
-    mode "original": Eq. (A1) as binary cross-entropy (the generator uses the non-saturating
-    -log D(G)); "ls": least squares, Eq. (A8) (pix2pixHD's default, and SRGAN's choice for G_fine);
-    "hinge": SPADE's hinge loss.
+    Each scale's patch logits D(.) are compared with the target of `real` (1 or 0), mean over patches:
+    mode "original": Eq. (A1) as binary cross-entropy, -log D(x) / -log(1 - D(G(y))) (the
+    generator uses the non-saturating -log D(G(y))); "ls": least squares, Eq. (A8), (1 - D)^2 / D^2
+    (pix2pixHD's default, and SRGAN's choice for G_fine); "hinge": SPADE's hinge loss.
     """
     loss = 0.0
     for feats in outputs:
@@ -384,22 +399,27 @@ def gan_loss(outputs, real, mode="ls", for_discriminator=True):
             loss = loss + F.relu(1 - logits if real else 1 + logits).mean()
         else:
             raise ValueError(f"unknown GAN mode {mode!r}: original, ls or hinge")
-    return loss / len(outputs)
+    return loss
 
 
 def discriminator_loss(d_real, d_fake, mode):
-    """The discriminator's side of Eq. (A1) / (A8): real pairs -> 1, generated pairs -> 0 (halved)."""
+    """The discriminator's side of Eq. (A1) / (A8): real pairs -> 1, generated pairs -> 0, halved
+    (pix2pixHD). Both halves must carry D's graph: the real term is what teaches D what real is."""
     return 0.5 * (gan_loss(d_real, True, mode) + gan_loss(d_fake, False, mode))
 
 
-def feature_matching_loss(d_fake, d_real):
-    """Eq. (A4): sum over layers i of (1 / N_i) ||D_k^(i)(x) - D_k^(i)(G(y))||_1, every layer of
-    every scale k (mean over scales, as pix2pixHD's 1 / num_D); real features are targets."""
+def feature_matching_loss(d_fake, d_real, n_layers=3):
+    """Eq. (A4) with pix2pixHD's bookkeeping: for every scale k and every intermediate layer i of D_k
+    (not the final patch logits), (1 / N_i) ||D_k^(i)(x) - D_k^(i)(G(y))||_1 (a mean), each term
+    weighted 1 / num_D x 4 / (n_layers + 1); the real features are targets (no gradient).
+    With n_layers 3 (4 intermediate layers) the total is the mean over scales of the per-layer sum,
+    so lambda_FM of Tables A2/A3 multiplies exactly what it multiplied in pix2pixHD."""
+    weight = 1.0 / len(d_fake) * 4.0 / (n_layers + 1)
     loss = 0.0
     for fake_feats, real_feats in zip(d_fake, d_real):
-        for f, r in zip(fake_feats, real_feats):
-            loss = loss + F.l1_loss(f.float(), r.detach().float())  # Eq. (A4)
-    return loss / len(d_fake)
+        for f, r in zip(fake_feats[:-1], real_feats[:-1]):
+            loss = loss + weight * F.l1_loss(f.float(), r.detach().float())  # Eq. (A4)
+    return loss
 
 
 def coarse_generator_loss(d_fake, d_real, fake, real, vgg, args):
@@ -766,22 +786,27 @@ def adam(model, lr, weight_decay, args):
 
 
 def gan_step(run, g, d, opt_g, opt_d, label, inputs, real, generator_loss, mode, vgg, args):
-    """One alternating update: D on real/fake pairs (Eq. A1 or A8), then G on its loss (Eq. A7 or A9).
+    """One alternating update: D on real and generated pairs (Eq. A1 or A8), then G on its loss
+    (Eq. A7 or A9).
 
-    D sees real and generated pairs in one batch; its real-pair features, computed before its
-    update, are the feature-matching targets of the generator step (as in pix2pixHD).
+    D step: one pass over [generated (detached), real] pairs; both halves keep D's graph, so the
+    real term (target 1) and the generated term (target 0) both train D. G step: the updated D
+    scores the generated pairs (with G's graph) and, without gradient, the real pairs, whose
+    intermediate features are the feature-matching targets of Eq. (A4): both from the same D.
     """
     n = real.shape[0]
     with run.autocast():
         fake = g(*inputs)
         outputs = d(torch.cat([label, label]), torch.cat([fake.detach(), real]))
         d_fake = [[f[:n] for f in feats] for feats in outputs]
-        d_real = [[f[n:].detach() for f in feats] for feats in outputs]
-        loss_d = discriminator_loss(d_real, d_fake, mode)
+        d_real = [[f[n:] for f in feats] for feats in outputs]
+        loss_d = discriminator_loss(d_real, d_fake, mode)  # Eq. (A1) / (A8), D's side
     opt_d.zero_grad(set_to_none=True)
     run.scaler.scale(loss_d).backward()
     run.scaler.step(opt_d)
     with run.autocast():
+        with torch.no_grad():
+            d_real = d(label, real)  # targets of Eq. (A4), from the updated D
         loss_g, parts = generator_loss(d(label, fake), d_real, fake.float(), real, vgg, args)
     opt_g.zero_grad(set_to_none=True)
     run.scaler.scale(loss_g).backward()
@@ -806,7 +831,7 @@ def sample_rows(g_coarse, g_fine, samples, args, device):
     rows = []
     for sample in samples:
         ids = sample["label_ids"][None].to(device)
-        coarse, fine = render(g_coarse, g_fine, ids, args.label_nc, 1 if args.no_fine else args.fine_scale)
+        coarse, fine = render(g_coarse, g_fine, ids, args.label_nc)
         colour = data.colorize(ids[0], kind="id").permute(2, 0, 1).float() / 255 if args.label_nc == data.NUM_IDS \
             else (ids[0] / max(1, args.label_nc - 1)).expand(3, -1, -1)
         rows.append([colour, sample["image"]] + [x[0] for x in (coarse, fine) if x is not None])
@@ -884,10 +909,9 @@ def train(args):
             if name == "coarse":
                 _, scalars = gan_step(run, g, dd, opt_g, opt_d, label, (label,), real, coarse_generator_loss,
                                       args.gan_mode, vgg, args)
-            else:  # stage 2: G_fine refines the frozen G_coarse's rendering (at 1 / scale resolution)
+            else:  # stage 2: G_fine super-resolves the frozen G_coarse's rendering, downsampled (I_LR)
                 with torch.no_grad(), run.autocast():
-                    small = F.interpolate(label, scale_factor=1 / args.fine_scale, mode="nearest")
-                    coarse = nets["g_coarse"](small).float()
+                    coarse = low_resolution(nets["g_coarse"](label).float(), args.fine_scale)  # I_LR
                 _, scalars = gan_step(run, g, dd, opt_g, opt_d, label, (coarse, label), real, fine_generator_loss,
                                       "ls", vgg, args)
             run.check_finite(scalars["loss_g"] + scalars["loss_d"], step)
@@ -936,13 +960,20 @@ def load_generators(checkpoint, device="cpu"):
     return g_coarse.to(device).eval(), g_fine.to(device).eval() if g_fine is not None else None, args
 
 
+def low_resolution(image, scale):
+    """I_LR of Sec. A.2 / Eq. (A8): an image (N, 3, H, W) area-downsampled by `scale` (our choice:
+    G_coarse renders at the resolution it was trained at, and its image is then reduced, as SRGAN
+    reduces I_HR; G_fine brings it back to (H, W))."""
+    return image if scale == 1 else F.avg_pool2d(image, scale)
+
+
 @torch.no_grad()
-def render(g_coarse, g_fine, label_ids, label_nc, scale=1):
-    """Label ids (N, H, W) -> (G_coarse image at (H, W) / scale, G_fine image at (H, W) or None), in [0, 1]."""
+def render(g_coarse, g_fine, label_ids, label_nc):
+    """Label ids (N, H, W) -> (G_coarse image, G_fine image or None), each (N, 3, H, W) in [0, 1].
+    G_fine reads I_LR, G_coarse's image downsampled by its scale, and the full-resolution label map."""
     label = data.one_hot(label_ids, label_nc)  # (N, label_nc, H, W)
-    small = label if scale == 1 else F.interpolate(label, scale_factor=1 / scale, mode="nearest")
-    coarse = g_coarse(small).float()
-    fine = g_fine(coarse, label).float() * 0.5 + 0.5 if g_fine is not None else None
+    coarse = g_coarse(label).float()
+    fine = g_fine(low_resolution(coarse, g_fine.scale), label).float() * 0.5 + 0.5 if g_fine is not None else None
     return coarse * 0.5 + 0.5, fine
 
 
@@ -972,7 +1003,7 @@ def sha256(path):
     return digest.hexdigest()
 
 
-def _generate_batch(pending, g_coarse, g_fine, label_nc, scale, edits, outliers, corruption, severity, seed,
+def _generate_batch(pending, g_coarse, g_fine, label_nc, edits, outliers, corruption, severity, seed,
                     priority, images_dir, labels_dir, device):
     """Edit, paste outliers, render, corrupt and write one batch of (index, sample) pairs."""
     ids = torch.stack([s["label_ids"] for _, s in pending]).to(device)  # (B, H, W)
@@ -981,7 +1012,7 @@ def _generate_batch(pending, g_coarse, g_fine, label_nc, scale, edits, outliers,
     if outliers:
         ids = torch.stack([paste_outliers(m, outliers, torch.Generator().manual_seed(seed + i))
                            for m, (i, _) in zip(ids, pending)])
-    coarse, fine = render(g_coarse, g_fine, ids, label_nc, scale)
+    coarse, fine = render(g_coarse, g_fine, ids, label_nc)
     for (i, sample), label_ids, image in zip(pending, ids.cpu(), (fine if fine is not None else coarse).cpu()):
         if corruption:
             image = data.corrupt(image, corruption, severity, seed=seed + i)
@@ -1009,7 +1040,6 @@ def generate(checkpoint, source, out_root, edits=(), outliers=0, corruption=None
     """
     out_root = Path(out_root)
     g_coarse, g_fine, args = load_generators(checkpoint, device)
-    scale = 1 if g_fine is None else args.fine_scale
     edits = [parse_edit(e) if isinstance(e, str) else e for e in edits]
     images_dir, labels_dir = out_root / "leftImg8bit" / split / city, out_root / "gtFine" / split / city
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -1030,7 +1060,7 @@ def generate(checkpoint, source, out_root, edits=(), outliers=0, corruption=None
         if len(pending) < batch_size and index < len(source) - 1:
             continue
         if pending:
-            _generate_batch(pending, g_coarse, g_fine, args.label_nc, scale, edits, outliers, corruption, severity,
+            _generate_batch(pending, g_coarse, g_fine, args.label_nc, edits, outliers, corruption, severity,
                             seed, priority, images_dir, labels_dir, device)
             rendered += len(pending)
             pending = []
@@ -1046,7 +1076,7 @@ def generate(checkpoint, source, out_root, edits=(), outliers=0, corruption=None
 
 
 @torch.no_grad()
-def evaluate_generators(g_coarse, g_fine, dataset, label_nc, scale=1, segmenter=None, inception=None,
+def evaluate_generators(g_coarse, g_fine, dataset, label_nc, segmenter=None, inception=None,
                         device="cpu", batch_size=4, num_classes=data.NUM_CLASSES):
     """Image-quality metrics of rendered validation label maps (Sec. C.1.2, E.1.3) -> dict.
 
@@ -1066,7 +1096,7 @@ def evaluate_generators(g_coarse, g_fine, dataset, label_nc, scale=1, segmenter=
     count = 0
     for batch in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
         ids = batch["label_ids"].to(device)
-        coarse, fine = render(g_coarse, g_fine, ids, label_nc, scale)
+        coarse, fine = render(g_coarse, g_fine, ids, label_nc)
         images = {"real": batch["image"].to(device), "coarse": coarse, "fine": fine}
         for key in keys:
             fake = images[key]
@@ -1115,8 +1145,10 @@ def profile(presets=None, device="cpu", memory=False):
     """Parameters, mult-adds (one input) and, with `memory`, peak forward/backward memory of the
     generators + discriminators of each dataset preset, printed beside Table A11 (Cityscapes).
 
-    Counting runs on the meta device (no memory, no time); memory runs the real networks at the
-    preset's resolution on `device` (slow on a CPU at the paper's sizes).
+    G_fine reads I_LR (size / fine_scale) and D_fine scores its full-size output. Mult-adds under
+    both conventions of metrics.count_macs: "torchinfo" (Table A11's) and "aten" (ours). Counting
+    runs on the meta device (no memory, no time); memory runs the real networks at the preset's
+    resolution on `device` (slow on a CPU at the paper's sizes).
     """
     rows = []
     for name in presets or [p for p in PRESETS]:
@@ -1128,13 +1160,15 @@ def profile(presets=None, device="cpu", memory=False):
                 g, dd = (g_coarse, d) if part == "Robusta w/o G_fine" else (g_fine, d_fine)
                 size = args.size if part == "Robusta w/o G_fine" else args.fine_size
                 label = torch.zeros(1, args.label_nc, *size, device=dev)
-                image = torch.zeros(1, 3, *size, device=dev)
-                inputs = (label,) if part == "Robusta w/o G_fine" else (image, label)
+                low = [n // args.fine_scale for n in size]
+                inputs = (label,) if part == "Robusta w/o G_fine" else (torch.zeros(1, 3, *low, device=dev), label)
                 return g, dd, label, inputs
             g, dd, label, inputs = build("meta")
-            macs = metrics.count_macs(lambda: dd(label, g(*inputs)))
-            params = metrics.count_parameters(g) + metrics.count_parameters(dd)
-            row = {"preset": name, "networks": part, "gmacs": macs / 1e9, "mparams": params / 1e6}
+            row = {"preset": name, "networks": part,
+                   "mparams": (metrics.count_parameters(g) + metrics.count_parameters(dd)) / 1e6}
+            for convention in ("torchinfo", "aten"):
+                row[f"gmacs_{convention}"] = metrics.count_macs(lambda: dd(label, g(*inputs)),
+                                                                convention=convention) / 1e9
             if memory:
                 g, dd, label, inputs = build(device)
 
@@ -1142,14 +1176,16 @@ def profile(presets=None, device="cpu", memory=False):
                     gan_loss(dd(label, g(*inputs)), True).backward()
                 row["memory_gb"] = metrics.peak_memory(step, device) / 2**30
             rows.append(row)
-    print(f"{'preset':<16} {'networks':<20} {'GMACs':>9} {'Mparams':>9} {'memory GB':>10}   paper (Table A11)")
+    print(f"{'preset':<16} {'networks':<20} {'Mparams':>8} {'GMACs torchinfo':>16} {'GMACs aten':>11} "
+          f"{'memory GB':>10}   paper (Table A11: Mparams, GMACs torchinfo, VRAM)")
     for r in rows:
         paper = PAPER_COST[r["networks"]] if r["preset"] == "cityscapes" else None
         mem = f"{r['memory_gb']:10.2f}" if "memory_gb" in r else f"{'-':>10}"
-        print(f"{r['preset']:<16} {r['networks']:<20} {r['gmacs']:9.1f} {r['mparams']:9.1f} {mem}   "
-              + (f"{paper['gmacs']} GMA, {paper['mparams']} M, {paper['vram_gb']} GB" if paper else "-"))
-    print("Note: Table A11 counted with torchinfo (parameters x output positions per module); ours counts the aten "
-          "ops executed (metrics.count_macs): the mult-adds differ in convention as well as in architecture details.")
+        print(f"{r['preset']:<16} {r['networks']:<20} {r['mparams']:8.1f} {r['gmacs_torchinfo']:16.1f} "
+              f"{r['gmacs_aten']:11.1f} {mem}   "
+              + (f"{paper['mparams']} M, {paper['gmacs']} GMA, {paper['vram_gb']} GB" if paper else "-"))
+    print("Conventions (metrics.count_macs): torchinfo = parameters x output positions per leaf module, as "
+          "Table A11 counted; aten = the convolutions, matmuls (incl. attention) and norms actually executed.")
     return rows
 
 
@@ -1167,13 +1203,14 @@ def add_train_args(p):
     g.add_argument("--no-spade-fine", action="store_true", help="SPADE 2 off: BatchNorm in G_fine (Table A6)")
     g.add_argument("--no-fine", action="store_true", help="G_coarse only, no second stage (Table A6)")
     g.add_argument("--ngf", type=int, default=None, help="G_coarse base width (Table A1: 64)")
-    g.add_argument("--n-blocks", type=int, default=None, help="SPADE ResNet blocks of G_coarse (9, our choice)")
+    g.add_argument("--n-blocks", type=int, default=None, help="SPADE ResNet blocks of G_coarse (Table A11: 3)")
     g.add_argument("--spade-hidden", type=int, default=None, help="SPADE hidden channels (SPADE: 128)")
     g.add_argument("--ndf", type=int, default=None, help="discriminator base width (pix2pixHD: 64)")
     g.add_argument("--num-d", type=int, default=2, help="discriminator scales (pix2pixHD: 2)")
-    g.add_argument("--fine-nf", type=int, default=None, help="G_fine width (SRGAN: 64)")
-    g.add_argument("--fine-blocks", type=int, default=None, help="G_fine residual blocks (SRGAN: 16)")
-    g.add_argument("--fine-scale", type=int, default=1, choices=[1, 2, 4], help="G_fine upscaling factor")
+    g.add_argument("--fine-nf", type=int, default=None, help="G_fine width (Table A11: 384; SRGAN: 64)")
+    g.add_argument("--fine-blocks", type=int, default=None, help="G_fine residual blocks (Table A11: 6; SRGAN: 16)")
+    g.add_argument("--fine-scale", type=int, default=None, choices=[1, 2, 4, 8],
+                   help="G_fine's factor: its body runs on I_LR at 1 / scale (Table A11 implies 8)")
     g = p.add_argument_group("stage 1: G_coarse (Table A2)")
     g.add_argument("--lr", type=float, default=None, help="Adam learning rate (Table A2: 2e-4)")
     g.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 (pix2pixHD: 0.5)")
@@ -1300,7 +1337,6 @@ def run_pipeline(args):
     device = torch.device(args.device)
     g_coarse, g_fine, _ = load_generators(checkpoint, device)
     size = args.size if g_fine is None else args.fine_size
-    scale = 1 if g_fine is None else args.fine_scale
     val = eval_dataset(args, size)
     segmenter = None
     if args.segmenter:
@@ -1310,11 +1346,11 @@ def run_pipeline(args):
     else:
         print("evaluate: mIoU on generated images skipped - give --segmenter PATH (a segment.py checkpoint)")
     classes = num_classes(args.dataset)
-    results = {"trained": evaluate_generators(g_coarse, g_fine, val, args.label_nc, scale, segmenter, args.inception,
+    results = {"trained": evaluate_generators(g_coarse, g_fine, val, args.label_nc, segmenter, args.inception,
                                               device, num_classes=classes)}
     segment.seed_everything(args.seed)
     untrained = [m.to(device).eval() if m is not None else None for m in build_networks(args)[::2]]
-    results["untrained"] = evaluate_generators(*untrained, val, args.label_nc, scale, segmenter, args.inception, device,
+    results["untrained"] = evaluate_generators(*untrained, val, args.label_nc, segmenter, args.inception, device,
                                                num_classes=classes)
     out = Path(args.out) / args.name
     generated = {}
@@ -1472,7 +1508,7 @@ def experiment(argv=()):
 
     def quality(checkpoint):
         g_coarse, g_fine, args = load_generators(checkpoint, device)
-        return evaluate_generators(g_coarse, g_fine, splits["val"], args.label_nc, 1, evaluator, None, device)
+        return evaluate_generators(g_coarse, g_fine, splits["val"], args.label_nc, evaluator, None, device)
 
     train_maps = data.Cityscapes(toy / "source", "train", size=size)
     quality_rows, robust = {}, {}
@@ -1586,7 +1622,7 @@ def main(argv=None):
         if args.segmenter:
             segmenter = load_segmenter(args.segmenter, args.segmenter_model, classes, args.device)
         results = evaluate_generators(g_coarse, g_fine, eval_dataset(args, size), trained.label_nc,
-                                      1 if g_fine is None else trained.fine_scale, segmenter, args.inception,
+                                      segmenter, args.inception,
                                       args.device, args.batch_size, classes)
         print(json.dumps(results, indent=2))
         return results

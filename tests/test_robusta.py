@@ -171,7 +171,7 @@ def test_every_preset_builds_with_the_right_shapes(preset, monkeypatch):
         label = torch.zeros(1, args.label_nc, 64, 64)
         coarse = g_coarse(label)
         assert coarse.shape == (1, 3, 64, 64)
-        assert g_fine(coarse, label).shape == (1, 3, 64, 64)
+        assert g_fine(robusta.low_resolution(coarse, args.fine_scale), label).shape == (1, 3, 64, 64)
         feats = d(label, coarse)
         assert len(feats) == 2 and [len(f) for f in feats] == [5, 5] and feats[0][-1].shape[1] == 1
     assert g_coarse.blocks[0].conv1.in_channels == 4 * args.ngf and len(g_coarse.blocks) == args.n_blocks
@@ -208,15 +208,38 @@ def test_vgg_layout_matches_torchvision_and_loads(tmp_path):
     assert loss > 0 and fake.grad.abs().sum() > 0 and all(p.grad is None for p in vgg.parameters())
 
 
-def test_gan_and_feature_matching_losses():
-    ones = [[torch.zeros(1, 2, 3, 3), torch.ones(1, 1, 3, 3)]]
-    zeros = [[torch.zeros(1, 2, 3, 3), torch.zeros(1, 1, 3, 3)]]
-    assert robusta.gan_loss(ones, True, "ls") == 0 and robusta.gan_loss(ones, False, "ls") == 1  # Eq. (A8)
-    assert torch.isclose(robusta.gan_loss(zeros, True, "original"), torch.log(torch.tensor(2.0)))  # Eq. (A1)
-    assert robusta.gan_loss(ones, True, "hinge") == 0 and robusta.gan_loss(ones, False, "hinge") == 2
-    assert robusta.gan_loss(ones, True, "hinge", for_discriminator=False) == -1
-    assert robusta.feature_matching_loss(ones, ones) == 0
-    assert robusta.feature_matching_loss(ones, zeros) == 1  # Eq. (A4): sum over layers of mean |.|
+def hand_made_outputs(features, logits):
+    """D outputs as MultiscaleDiscriminator returns them: per scale, 4 intermediate maps + logits."""
+    return [[torch.full((1, 2, 3, 3), float(f))] * 4 + [torch.full((1, 1, 3, 3), float(z))]
+            for f, z in zip(features, logits)]
+
+
+def test_loss_values_are_eq_a1_a4_a8_with_pix2pixhd_bookkeeping():
+    real = hand_made_outputs(features=(0, 0), logits=(0.5, 2.0))
+    fake = hand_made_outputs(features=(1, 3), logits=(0.25, -1.0))
+    # Eq. (A8), summed over the 2 scales: G wants 1 on generated pairs, D 1 on real and 0 on generated
+    assert robusta.gan_loss(real, True, "ls", for_discriminator=False) == pytest.approx(0.5 ** 2 + 1.0 ** 2)
+    assert robusta.discriminator_loss(real, fake, "ls") == pytest.approx(
+        0.5 * ((0.5 ** 2 + 1.0 ** 2) + (0.25 ** 2 + 1.0 ** 2)))
+    # Eq. (A1): -log sigmoid(z) for real targets, -log(1 - sigmoid(z)) for generated ones
+    sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    assert robusta.discriminator_loss(real, fake, "original") == pytest.approx(
+        0.5 * (-np.log(sig(0.5)) - np.log(sig(2.0)) - np.log(1 - sig(0.25)) - np.log(1 - sig(-1.0))), rel=1e-6)
+    assert robusta.gan_loss(fake, True, "hinge", for_discriminator=False) == pytest.approx(-0.25 + 1.0)
+    # Eq. (A4): intermediate layers only (the logits differ but do not count), each |.| mean weighted
+    # 1 / num_D x 4 / (n_layers + 1) = 1/2 x 1: scale 1 has 4 layers at distance 1, scale 2 at distance 3
+    assert robusta.feature_matching_loss(fake, real) == pytest.approx(0.5 * (4 * 1 + 4 * 3))
+    assert robusta.feature_matching_loss(fake, real, n_layers=1) == pytest.approx(2 * 0.5 * (4 * 1 + 4 * 3))
+    # Eq. (A7): L_coarse = cGAN + lambda_L1 L1 + lambda_FM L_FM (+ lambda_VGG L_VGG, off here)
+    args = robusta.options_from_preset("cityscapes")
+    args.lambda_vgg = 0
+    image, target = torch.zeros(1, 3, 2, 2), torch.full((1, 3, 2, 2), 0.5)
+    total, parts = robusta.coarse_generator_loss(fake, real, image, target, None, args)
+    assert total == pytest.approx((0.75 ** 2 + 2.0 ** 2) + args.lambda_l1 * 0.5 + args.lambda_fm * 8.0)
+    # Eq. (A9): L_fine = L_cGAN^MSE + lambda_FM L_FM (+ lambda_VGG L_VGG, off here)
+    args.fine_lambda_vgg = 0
+    total, _ = robusta.fine_generator_loss(fake, real, image, target, None, args)
+    assert total == pytest.approx((0.75 ** 2 + 2.0 ** 2) + args.fine_lambda_fm * 8.0)
 
 
 # --- Training, checkpoints, generation -------------------------------------------------------
@@ -236,19 +259,91 @@ TINY = ["--dataset", "toycity", "--size", "32", "64", "--fine-size", "32", "64",
         "--workers", "0", "--samples", "1", "--device", "cpu"]
 
 
-def test_a_few_steps_lower_l_coarse(toy_root):
+class FakeRun:
+    """The two things gan_step asks of segment.Run: an autocast context and a grad scaler (off)."""
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+
+    def autocast(self):
+        return torch.autocast("cpu", enabled=False)
+
+
+@pytest.fixture(scope="module")
+def toy_batch(toy_root):
+    """Options of a tiny G_coarse (conv branch: fast) and one fixed batch of 2 ToyCity pairs."""
+    args = robusta.resolve(robusta.build_parser().parse_args(
+        ["train", "--data-root", str(toy_root)] + TINY + ["--segformer", "none"]))
+    batch = next(iter(torch.utils.data.DataLoader(robusta.image_dataset(args, "val", args.size), batch_size=2)))
+    return args, batch["image"] * 2 - 1, data.one_hot(batch["label_ids"])
+
+
+def mean_logit(d, label, image):
+    """D's mean patch output over its scales."""
+    with torch.no_grad():
+        return sum(float(o[-1].mean()) for o in d(label, image)) / len(d.scales)
+
+
+def coarse_step(nets, opts, label, real, args, steps=1):
+    g, d = nets
+    for _ in range(steps):
+        fake, scalars = robusta.gan_step(FakeRun(), g, d, *opts, label, (label,), real, robusta.coarse_generator_loss,
+                                         "ls", None, args)
+    return fake, scalars
+
+
+def test_a_few_steps_lower_l_coarse(toy_batch):
+    args, real, label = toy_batch
     torch.manual_seed(0)
-    argv = ["train", "--data-root", str(toy_root)] + TINY + ["--segformer", "none"]  # the conv branch: fast
-    args = robusta.resolve(robusta.build_parser().parse_args(argv))
-    run = type("R", (), {"autocast": lambda self: torch.autocast("cpu", enabled=False),
-                         "scaler": torch.amp.GradScaler("cpu", enabled=False)})()
     g_coarse, d, _, _ = robusta.build_networks(args)
-    batch = next(iter(torch.utils.data.DataLoader(robusta.image_dataset(args, "train", args.size), batch_size=2)))
-    real, label = batch["image"] * 2 - 1, data.one_hot(batch["label_ids"])
-    opt_g, opt_d = robusta.adam(g_coarse, 1e-3, 0, args), robusta.adam(d, 1e-3, 0, args)
-    losses = [robusta.gan_step(run, g_coarse, d, opt_g, opt_d, label, (label,), real, robusta.coarse_generator_loss,
-                               "ls", None, args)[1]["loss_g"] for _ in range(8)]
+    opts = robusta.adam(g_coarse, 1e-3, 0, args), robusta.adam(d, 1e-3, 0, args)
+    losses = [coarse_step((g_coarse, d), opts, label, real, args)[1]["loss_g"] for _ in range(8)]
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_discriminator_gets_a_gradient_from_the_real_term_alone(toy_batch, monkeypatch):
+    args, real, label = toy_batch
+    torch.manual_seed(0)
+    g_coarse, d, _, _ = robusta.build_networks(args)
+    before = [p.detach().clone() for p in d.parameters()]
+    seen = []
+    monkeypatch.setattr(robusta, "discriminator_loss", lambda d_real, d_fake, mode: seen.append(1) or
+                        robusta.gan_loss(d_real, True, mode))  # Eq. (A8): the real term only
+    opt_d = robusta.adam(d, 1e-3, 0, args)
+    step = opt_d.step
+    grads = []
+    opt_d.step = lambda *a, **k: (grads.append([p.grad.abs().sum() for p in d.parameters()]), step(*a, **k))[1]
+    coarse_step((g_coarse, d), (robusta.adam(g_coarse, 1e-3, 0, args), opt_d), label, real, args)
+    assert seen and len(grads) == 1 and all(g > 0 for g in grads[0])  # every D parameter learns from real pairs
+    assert all(not torch.equal(p, q) for p, q in zip(d.parameters(), before))
+
+
+def test_stage_1_discriminator_tells_real_from_generated(toy_batch):
+    args, real, label = toy_batch
+    torch.manual_seed(0)
+    g_coarse, d, _, _ = robusta.build_networks(args)
+    opts = robusta.adam(g_coarse, 2e-4, 0, args), robusta.adam(d, 2e-4, 0, args)
+    fake, _ = coarse_step((g_coarse, d), opts, label, real, args, steps=30)
+    on_real, on_fake = mean_logit(d, label, real), mean_logit(d, label, fake)
+    assert on_real > 0.5 > on_fake and on_real - on_fake > 0.25, (on_real, on_fake)  # LS targets 1 / 0
+
+
+def fine_setup(toy_batch):
+    args, real, label = toy_batch
+    torch.manual_seed(0)
+    g_coarse, _, g_fine, d_fine = robusta.build_networks(args)
+    g_coarse.eval().requires_grad_(False)  # as in train(): stage 2 reads a frozen G_coarse
+    with torch.no_grad():
+        coarse = robusta.low_resolution(g_coarse(label), args.fine_scale)  # I_LR
+    return args, real, label, g_coarse, g_fine, d_fine, coarse
+
+
+def test_stage_2_discriminator_tells_real_from_generated(toy_batch):
+    args, real, label, _, g_fine, d_fine, coarse = fine_setup(toy_batch)
+    opts = robusta.adam(g_fine, 2e-4, 0, args), robusta.adam(d_fine, 2e-4, 0, args)
+    for _ in range(30):
+        fake, _ = robusta.gan_step(FakeRun(), g_fine, d_fine, *opts, label, (coarse, label), real,
+                                   robusta.fine_generator_loss, "ls", None, args)
+    on_real, on_fake = mean_logit(d_fine, label, real), mean_logit(d_fine, label, fake)
+    assert on_real > 0.5 > on_fake and on_real - on_fake > 0.25, (on_real, on_fake)
 
 
 def test_train_checkpoint_resume_and_generate(toy_root, tmp_path):
@@ -334,7 +429,7 @@ def test_evaluate_generators_streams_the_numbers_of_the_whole_sets(toy_root, tmp
     monkeypatch.setattr(metrics, "load_fid_inception", lambda weights, device="cpu": features)
     weights = tmp_path / "inception.pth"
     dataset = data.Cityscapes(toy_root, "train", size=(32, 64))  # 4 maps in batches of 3 + 1
-    got = robusta.evaluate_generators(g_coarse, g_fine, dataset, args.label_nc, 1, segmenter, weights, batch_size=3)
+    got = robusta.evaluate_generators(g_coarse, g_fine, dataset, args.label_nc, segmenter, weights, batch_size=3)
     whole = next(iter(torch.utils.data.DataLoader(dataset, batch_size=len(dataset))))
     coarse, fine = robusta.render(g_coarse, g_fine, whole["label_ids"], args.label_nc)
     for key, fake in (("coarse", coarse), ("fine", fine), ("real", whole["image"])):
