@@ -343,7 +343,7 @@ class VGGLoss(nn.Module):
         if weights:
             path = Path(weights)
             if not path.is_file():
-                raise FileNotFoundError(f"--vgg {path}: no file there; torchvision's VGG19 ImageNet checkpoint "
+                raise data.MissingFile(f"--vgg {path}: no file there; torchvision's VGG19 ImageNet checkpoint "
                                         f"is published at {VGG19_URL}")
             state = torch.load(path, map_location="cpu", weights_only=True)
             state = {k[len("features."):]: v for k, v in state.items()
@@ -456,7 +456,7 @@ def structuring_element(shape, size=None):
     if not isinstance(shape, str):
         se = torch.as_tensor(shape).bool()
         if se.dim() != 2 or not se.any():
-            raise ValueError(f"a structuring element must be a non-empty 2-D boolean kernel, got {tuple(se.shape)}")
+            raise data.BadInput(f"a structuring element must be a non-empty 2-D boolean kernel, got {tuple(se.shape)}")
         return se
     if shape == "square":
         return torch.ones(size, size, dtype=torch.bool)
@@ -471,7 +471,7 @@ def structuring_element(shape, size=None):
     if shape == "disk":
         d = torch.arange(-size, size + 1)
         return d[:, None] ** 2 + d[None, :] ** 2 <= size ** 2
-    raise ValueError(f"unknown structuring element {shape!r}: square, rectangle, cross, disk or a boolean kernel")
+    raise data.BadInput(f"unknown structuring element {shape!r}: square, rectangle, cross, disk or a boolean kernel")
 
 
 def _window(x, length, dim, op, powers):
@@ -618,7 +618,7 @@ def _label_id(name_or_id):
     for label in data.LABELS:
         if label.name == name_or_id:
             return label.id
-    raise ValueError(f"unknown Cityscapes label {name_or_id!r}; names are those of data.LABELS")
+    raise data.BadInput(f"unknown Cityscapes label {name_or_id!r}; names are those of data.LABELS")
 
 
 def lexicographic_codes(priority=None, device="cpu"):
@@ -634,7 +634,7 @@ def lexicographic_codes(priority=None, device="cpu"):
         group = entry if isinstance(entry, (tuple, list)) else (entry,)
         ranked += sorted(_label_id(c) for c in group)
     if len(set(ranked)) != len(ranked) or len(ranked) > 254:
-        raise ValueError(f"priority lists a class twice or more than 254 classes: {entries}")
+        raise data.BadInput(f"priority lists a class twice or more than 254 classes: {entries}")
     code = torch.zeros(256, dtype=torch.uint8, device=device)
     ranks = torch.arange(1, len(ranked) + 1, device=device).to(torch.uint8)
     code[torch.tensor(ranked, dtype=torch.long, device=device)] = ranks
@@ -718,7 +718,7 @@ def parse_edit(text):
     """
     parts = text.split(":")
     if len(parts) not in (3, 4) or parts[0] not in ("dilate", "erode", "open", "close"):
-        raise ValueError(f"bad edit {text!r}: expected OP:SHAPE:SIZE[:CLASS,CLASS], OP in dilate, erode, open, close")
+        raise data.BadInput(f"bad edit {text!r}: expected OP:SHAPE:SIZE[:CLASS,CLASS], OP in dilate, erode, open, close")
     size = tuple(int(s) for s in parts[2].split("x")) if "x" in parts[2] else int(parts[2])
     classes = parts[3].split(",") if len(parts) == 4 else None
     return {"op": parts[0], "shape": parts[1], "size": size, "classes": classes}
@@ -757,19 +757,20 @@ def build_networks(args):
     return g_coarse, d, g_fine, MultiscaleDiscriminator(args.label_nc, args.ndf, num_d=args.num_d)
 
 
-def image_dataset(args, split, size, crop=None):
-    """The paired (image, label ids) dataset of args.dataset at `size`, randomly cropped to `crop`."""
+def image_dataset(args, split, size, crop=None, augment=None):
+    """The paired (image, label ids) dataset of args.dataset at `size`; with `augment` (default: for
+    the train split) randomly cropped to `crop` and flipped."""
     if args.dataset == "kaist":
-        raise ValueError("KAIST has no reader in data.py: the kaist preset serves `profile` only")
+        raise data.BadInput("KAIST has no reader in data.py: the kaist preset serves `profile` only")
     cls = getattr(data, DATASETS[args.dataset])
     if args.dataset == "toycity":
         root = Path(args.data_root) if args.data_root else data.toycity() / "source"
     elif args.data_root is None:
-        raise ValueError(f"--data-root is required for --dataset {args.dataset}")
+        raise data.BadInput(f"--data-root is required for --dataset {args.dataset}")
     else:
         root = Path(args.data_root)
     transform = None
-    if split == "train":
+    if split == "train" if augment is None else augment:
         transform = data.Compose(([data.RandomScaleCrop(tuple(crop), scale=(1.0, 1.0))] if crop else [])
                                  + [data.RandomFlip()])
     return cls(root, split, size=tuple(size), transform=transform)
@@ -783,6 +784,17 @@ def linear_decay(base_lr, step, total):
 
 def adam(model, lr, weight_decay, args):
     return torch.optim.Adam(model.parameters(), lr=lr, betas=(args.beta1, 0.999), weight_decay=weight_decay)
+
+
+def optimizers(nets, args):
+    """One Adam per network (Tables A2/A3: lr, weight decay per stage): opt_g / opt_d over G_coarse /
+    D, opt_gf / opt_df over G_fine / D_fine."""
+    opts = {"opt_g": adam(nets["g_coarse"], args.lr, args.weight_decay, args),
+            "opt_d": adam(nets["d"], args.lr, args.weight_decay, args)}
+    if nets["g_fine"] is not None:
+        opts.update(opt_gf=adam(nets["g_fine"], args.fine_lr, args.fine_weight_decay, args),
+                    opt_df=adam(nets["d_fine"], args.fine_lr, args.fine_weight_decay, args))
+    return opts
 
 
 def gan_step(run, g, d, opt_g, opt_d, label, inputs, real, generator_loss, mode, vgg, args):
@@ -852,28 +864,49 @@ def write_pictures(run, g_coarse, g_fine, samples, args, tag):
     return path
 
 
+def restore(state, nets, opts, move):
+    """Load a checkpoint's networks (state None: fresh start), `move` them (run.wrap: to the run's
+    device, DDP), and only then load the optimizers' state: torch casts it to the device of the
+    parameters it finds, so loading it before the move would leave Adam's moments on the CPU.
+    Returns the moved networks."""
+    for k, m in nets.items():
+        if m is not None and state is not None and k in state:
+            m.load_state_dict(state[k])
+    nets = {k: move(m) if m is not None else None for k, m in nets.items()}
+    for k, opt in opts.items():
+        if opt is not None and state is not None and k in state:
+            opt.load_state_dict(state[k])
+    return nets
+
+
+def check_vgg(args):
+    """Every paper preset trains with L_VGG (Eq. A5) on ImageNet VGG19 features: without --vgg it
+    stops (one line) unless L_VGG is switched off. Only the toycity demo falls back to random VGG
+    features (and says so)."""
+    uses_vgg = args.lambda_vgg > 0 or (not args.no_fine and args.fine_lambda_vgg > 0)
+    preset = args.preset or args.dataset
+    if uses_vgg and not args.vgg and preset != "toycity":
+        raise data.MissingFile(f"--dataset {preset} trains with L_VGG (Eq. A5): give --vgg vgg19-dcbb9e9d.pth, "
+                               f"torchvision's VGG19 ImageNet weights published at {VGG19_URL} "
+                               f"(or --lambda-vgg 0 --fine-lambda-vgg 0 to train without L_VGG)")
+
+
 def train(args):
     """Two-stage training (Sec. A.2); returns the path of the final checkpoint (<run>/last.pt)."""
+    check_vgg(args)
     run = segment.Run(args)
     g_coarse, d, g_fine, d_fine = build_networks(args)
     needs_vgg = args.lambda_vgg > 0 or (g_fine is not None and args.fine_lambda_vgg > 0)
     vgg = VGGLoss(args.vgg).to(run.device) if needs_vgg else None
-    opts = {"opt_g": adam(g_coarse, args.lr, args.weight_decay, args),
-            "opt_d": adam(d, args.lr, args.weight_decay, args)}
-    if g_fine is not None:
-        opts.update(opt_gf=adam(g_fine, args.fine_lr, args.fine_weight_decay, args),
-                    opt_df=adam(d_fine, args.fine_lr, args.fine_weight_decay, args))
     nets = {"g_coarse": g_coarse, "d": d, "g_fine": g_fine, "d_fine": d_fine}
+    opts = optimizers(nets, args)
     stage, step, total, offset = "coarse", 0, None, 0
     state = run.resume()
+    nets = restore(state, nets, opts, run.wrap)
     if state is not None:
-        for k, m in {**nets, **opts}.items():
-            if m is not None and k in state:
-                m.load_state_dict(state[k])
         run.scaler.load_state_dict(state["scaler"])
         run.set_rng_state(state["rng"])
         stage, step, total, offset = state["stage"], state["stage_step"], state["total"], state["offset"]
-    nets = {k: run.wrap(m) if m is not None else None for k, m in nets.items()}
     val = image_dataset(args, "val", args.fine_size if g_fine is not None else args.size)
     samples = [val[i] for i in range(min(args.samples, len(val)))]  # fixed pictures for every epoch's grid
 
@@ -946,7 +979,7 @@ def load_generators(checkpoint, device="cpu"):
     """(G_coarse, G_fine or None, options Namespace) from a checkpoint of `train`, in eval mode."""
     path = Path(checkpoint)
     if not path.is_file():
-        raise FileNotFoundError(f"generator checkpoint not found at {path} (runs/<name>/last.pt written by "
+        raise data.MissingFile(f"generator checkpoint not found at {path} (runs/<name>/last.pt written by "
                                 f"`python robusta.py train`)")
     state = torch.load(path, map_location="cpu", weights_only=True)
     args = argparse.Namespace(**state["args"])
@@ -1026,25 +1059,51 @@ def _generate_batch(pending, g_coarse, g_fine, label_nc, edits, outliers, corrup
         os.replace(tmp, images_dir / f"{stem}_leftImg8bit.png")  # last and atomic: marks the image done
 
 
+VAL_SPLITS = {"val": "val", "validation": "val", "val2017": "val", "test": "test", "testing": "test"}
+SPLIT_NAMES = {**VAL_SPLITS, "train": "train", "training": "train", "train2017": "train"}
+
+
+def split_of(path):
+    """The split a folder of label maps comes from, read off its path (gtFine/val/... -> "val");
+    "train" when no part of the path names one."""
+    return next((SPLIT_NAMES[p] for p in reversed(Path(path).parts) if p in SPLIT_NAMES), "train")
+
+
+def output_split(source_split, split=None, allow_val_in_train=False):
+    """The split a generated set is written to: by default the split its label maps come from.
+    Images rendered from validation (or test) label maps written into a train split would let a
+    segmenter train on the evaluation set's layouts (Sec. F.4): refused unless asked explicitly."""
+    split = split or SPLIT_NAMES.get(source_split, source_split)
+    if source_split in VAL_SPLITS and split == "train" and not allow_val_in_train:
+        raise data.BadInput(f"refusing to write images rendered from {source_split} label maps into a train split "
+                            f"(a segmenter trained on it would see the evaluation layouts, Sec. F.4); render the "
+                            f"train label maps, or pass --allow-val-in-train")
+    return split
+
+
 def generate(checkpoint, source, out_root, edits=(), outliers=0, corruption=None, severity=3, seed=0,
-             batch_size=4, device="cpu", priority=None, split="train", city="robusta"):
+             batch_size=4, device="cpu", priority=None, source_split="train", split=None, city="robusta",
+             allow_val_in_train=False):
     """Render a dataset from label maps and write it in the Cityscapes layout that segment.py reads.
 
     source: a dataset whose samples hold "label_ids" (N, H, W) and "name" (a split of a data.py
     reader, or data.LabelFolder). Each map gets, in order: the morphological `edits` ("dilate:disk:5",
     see `parse_edit`), `outliers` pasted outlier objects, rendering by G_coarse (+ G_fine), and
-    optionally data.corrupt(corruption, severity). Written under out_root:
+    optionally data.corrupt(corruption, severity). The output split is `split`, by default
+    `source_split` (the split the label maps come from; see `output_split`). Written under out_root:
     leftImg8bit/<split>/<city>/<stem>_leftImg8bit.png, gtFine/<split>/<city>/<stem>_gtFine_{labelIds,
     trainIds,anomaly}.png, and manifest.json (checkpoint sha256, edits, seeds). Image i uses seed
     `seed + i`. An interrupted run resumes: images already written (written last, atomically) are skipped.
     """
     out_root = Path(out_root)
+    split = output_split(source_split, split, allow_val_in_train)
     g_coarse, g_fine, args = load_generators(checkpoint, device)
     edits = [parse_edit(e) if isinstance(e, str) else e for e in edits]
     images_dir, labels_dir = out_root / "leftImg8bit" / split / city, out_root / "gtFine" / split / city
     images_dir.mkdir(parents=True, exist_ok=True)
     labels_dir.mkdir(parents=True, exist_ok=True)
     manifest = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha256(checkpoint), "edits": edits,
+                "source_split": source_split, "split": split,
                 "outliers": outliers, "outlier_ids": list(data.OUTLIER_IDS), "corruption": corruption,
                 "severity": severity if corruption else None, "seed": seed, "seeds": "image i: seed + i",
                 "generator": "G_coarse" if g_fine is None else "G_coarse + G_fine", "count": len(source),
@@ -1134,8 +1193,24 @@ def num_classes(dataset_name):
     return getattr(data, DATASETS.get(dataset_name, "Cityscapes")).__dict__.get("num_classes", data.NUM_CLASSES)
 
 
+# The published segmenters that score generated images (C.1.2, as in SPADE / OASIS), loaded by segment.py
+EVALUATORS = tuple(getattr(segment, "EVALUATORS", ("drn-d-105", "upernet-101", "deeplabv2-cocostuff",
+                                                   *(f"segformer-b{i}" for i in range(6)))))
+EVALUATOR_OF = {"cityscapes": "drn-d-105", "ade20k": "upernet-101", "ade20k-outdoors": "upernet-101",
+                "coco-stuff": "deeplabv2-cocostuff", "toycity": "deeplabv3plus-r18"}
+
+
+def segmenter_model(args):
+    """--segmenter-model, or the paper's evaluator of --dataset (C.1.2)."""
+    return args.segmenter_model or EVALUATOR_OF.get(args.dataset, "deeplabv3plus-r101")
+
+
 def load_segmenter(path, model_name, classes, device):
-    """A segment.py segmenter (for the mIoU-on-generated protocol) from its checkpoint."""
+    """The segmenter of the mIoU-on-generated protocol (C.1.2), in eval mode: a published evaluator
+    (`EVALUATORS`, via segment.load_evaluator: RGB in [0, 1] -> logits at input size) or a
+    segment.py model (segment.MODELS) from its checkpoint."""
+    if model_name in EVALUATORS:
+        return segment.load_evaluator(model_name, path, num_classes=classes).to(device).eval()
     model = segment.build_model(model_name, classes)
     model.load_state_dict(segment.load_weights(path))
     return model.to(device).eval()
@@ -1246,8 +1321,10 @@ def add_eval_args(p):
     g = p.add_argument_group("evaluation")
     g.add_argument("--segmenter", default=None, help="segment.py checkpoint for mIoU on generated images "
                    "(the demo trains one on real ToyCity when absent)")
-    g.add_argument("--segmenter-model", default="deeplabv3plus-r101", choices=segment.MODELS,
-                   help="architecture of --segmenter")
+    g.add_argument("--segmenter-model", default=None, choices=list(segment.MODELS) + list(EVALUATORS),
+                   help="architecture of --segmenter: a published evaluator (segment.load_evaluator) or a "
+                        "segment.py model; default: the paper's evaluator of --dataset (C.1.2: DRN-D-105 for "
+                        "Cityscapes, UperNet-101 for ADE20K, DeepLab-v2 for COCO-Stuff; toycity: deeplabv3plus-r18)")
     g.add_argument("--segmenter-minutes", type=float, default=1.5,
                    help="demo: minutes to train that segmenter (DeepLab-v3+ ResNet-18)")
     g.add_argument("--inception", default=None, help="pytorch-fid Inception weights for FID (skipped without)")
@@ -1280,7 +1357,12 @@ def build_parser():
     q.add_argument("--labels", default=None, help="a folder of label-id PNGs (data.LabelFolder) instead of a dataset")
     q.add_argument("--dataset", default="toycity", choices=sorted(DATASETS), help="dataset whose split is rendered")
     q.add_argument("--data-root", default=None, help="its root (toycity: default cache)")
-    q.add_argument("--split", default="val", help="split of --dataset")
+    q.add_argument("--split", default="train", help="split of --dataset whose label maps are rendered")
+    q.add_argument("--out-split", default=None,
+                   help="split written (default: the source's: --split, or the split named in --labels' path)")
+    q.add_argument("--allow-val-in-train", action="store_true",
+                   help="allow writing images of val/test label maps into a train split (Sec. F.4: leaks the "
+                        "evaluation set into training)")
     q.add_argument("--edit", action="append", default=[], help="morphological edit OP:SHAPE:SIZE[:CLASSES], repeatable "
                    "(e.g. dilate:disk:5, erode:square:7:person,car)")
     q.add_argument("--outliers", type=int, default=0, help="outlier objects pasted into each map")
@@ -1331,8 +1413,9 @@ def demo_segmenter(args, size):
 
 
 def run_pipeline(args):
-    """train -> generate (the validation label maps, plain and edited) -> evaluate against an
-    untrained generator of the same architecture -> runs/<name>/index.html and results.json."""
+    """train -> evaluate on the validation label maps (against an untrained generator of the same
+    architecture) -> generate a training set from the train label maps (plain, and the first 8
+    dilated) into split "train" -> runs/<name>/index.html and results.json."""
     checkpoint = train(args)
     device = torch.device(args.device)
     g_coarse, g_fine, _ = load_generators(checkpoint, device)
@@ -1340,7 +1423,7 @@ def run_pipeline(args):
     val = eval_dataset(args, size)
     segmenter = None
     if args.segmenter:
-        segmenter = load_segmenter(args.segmenter, args.segmenter_model, num_classes(args.dataset), device)
+        segmenter = load_segmenter(args.segmenter, segmenter_model(args), num_classes(args.dataset), device)
     elif args.dataset == "toycity":
         segmenter = demo_segmenter(args, size)
     else:
@@ -1354,8 +1437,9 @@ def run_pipeline(args):
                                                num_classes=classes)
     out = Path(args.out) / args.name
     generated = {}
-    few = torch.utils.data.Subset(val, range(min(8, len(val))))
-    for tag, source, edits in (("generated", val, []), ("generated_dilated", few, ["dilate:disk:2"])):
+    train_maps = image_dataset(args, "train", size, augment=False)  # a generated training set: train maps only
+    few = torch.utils.data.Subset(train_maps, range(min(8, len(train_maps))))
+    for tag, source, edits in (("generated", train_maps, []), ("generated_dilated", few, ["dilate:disk:2"])):
         start = time.time()
         generate(checkpoint, source, out / tag, edits=edits, device=device)
         generated[tag] = len(source) / (time.time() - start)
@@ -1371,8 +1455,8 @@ def run_pipeline(args):
     run.write_index(f"Robusta on {args.dataset}", [
         ("Trained generator - " + "; ".join(lines), []),
         ("Untrained generator (same architecture) - " + "; ".join(base), []),
-        ("Generated dataset (validation label maps)", [(p.name, p) for p in plain]),
-        ("Generated from dilated label maps (dilate:disk:2)", [(p.name, p) for p in edited]),
+        ("Generated training set (train label maps)", [(p.name, p) for p in plain]),
+        ("Generated from dilated train label maps (dilate:disk:2)", [(p.name, p) for p in edited]),
         ("Samples: label | real | G_coarse | G_fine (newest first)", [(p.stem, p) for p in grids])])
     print(f"[{args.name}] wrote {out / 'index.html'}", flush=True)
     return results
@@ -1606,13 +1690,16 @@ def main(argv=None):
         _, _, trained = load_generators(args.checkpoint)
         size = trained.size if trained.no_fine else trained.fine_size
         if args.labels:
-            source = data.LabelFolder(args.labels, size=size)
+            source, source_split = data.LabelFolder(args.labels, size=size), split_of(args.labels)
         else:
-            source = image_dataset(argparse.Namespace(dataset=args.dataset, data_root=args.data_root), args.split, size)
+            source = image_dataset(argparse.Namespace(dataset=args.dataset, data_root=args.data_root), args.split,
+                                   size, augment=False)
+            source_split = args.split
         if args.max_images:
             source = torch.utils.data.Subset(source, range(min(args.max_images, len(source))))
         return generate(args.checkpoint, source, args.out_root, args.edit, args.outliers, args.corruption,
-                        args.severity, args.seed, args.batch_size, args.device)
+                        args.severity, args.seed, args.batch_size, args.device, source_split=source_split,
+                        split=args.out_split, allow_val_in_train=args.allow_val_in_train)
     if args.command == "evaluate":
         g_coarse, g_fine, trained = load_generators(args.checkpoint, args.device)
         size = trained.size if g_fine is None else trained.fine_size
@@ -1620,7 +1707,7 @@ def main(argv=None):
         classes = num_classes(args.dataset)
         segmenter = None
         if args.segmenter:
-            segmenter = load_segmenter(args.segmenter, args.segmenter_model, classes, args.device)
+            segmenter = load_segmenter(args.segmenter, segmenter_model(args), classes, args.device)
         results = evaluate_generators(g_coarse, g_fine, eval_dataset(args, size), trained.label_nc,
                                       segmenter, args.inception,
                                       args.device, args.batch_size, classes)

@@ -346,22 +346,191 @@ def test_stage_2_discriminator_tells_real_from_generated(toy_batch):
     assert on_real > 0.5 > on_fake and on_real - on_fake > 0.25, (on_real, on_fake)
 
 
-def test_train_checkpoint_resume_and_generate(toy_root, tmp_path):
-    argv = ["train", "--data-root", str(toy_root), "--out", str(tmp_path), "--name", "toy", "--epochs", "1",
+def adversarial_losses(g, d, label, inputs, real):
+    """(D's Eq. A8 loss on the real pairs, G's Eq. A8 loss on its generated pairs), without updates."""
+    with torch.no_grad():
+        return (float(robusta.gan_loss(d(label, real), True)),
+                float(robusta.gan_loss(d(label, g(*inputs)), True, for_discriminator=False)))
+
+
+def test_d_alone_learns_real_pairs_and_g_alone_learns_to_fool_d(toy_batch):
+    args, real, label = toy_batch
+    torch.manual_seed(0)
+    g, d, _, _ = robusta.build_networks(args)
+    frozen = lambda m: robusta.adam(m, 0.0, 0, args)  # noqa: E731  (an optimizer that does not move)
+    d_real_before, _ = adversarial_losses(g, d, label, (label,), real)
+    g_before = [p.detach().clone() for p in g.parameters()]
+    coarse_step((g, d), (frozen(g), robusta.adam(d, 1e-3, 0, args)), label, real, args, steps=10)
+    d_real_after, g_adv_before = adversarial_losses(g, d, label, (label,), real)
+    assert d_real_after < 0.5 * d_real_before  # D with G frozen: its loss on real pairs falls
+    assert all(torch.equal(p, q) for p, q in zip(g.parameters(), g_before))
+    args.lambda_l1, args.lambda_fm = 0.0, 0.0  # G's adversarial term alone (L_VGG is off in TINY)
+    d_before = [p.detach().clone() for p in d.parameters()]
+    coarse_step((g, d), (robusta.adam(g, 1e-3, 0, args), frozen(d)), label, real, args, steps=10)
+    _, g_adv_after = adversarial_losses(g, d, label, (label,), real)
+    assert g_adv_after < 0.5 * g_adv_before  # G with D frozen: its adversarial loss falls
+    assert all(torch.equal(p, q) for p, q in zip(d.parameters(), d_before))
+
+
+def test_each_optimizer_holds_exactly_its_own_network(toy_batch):
+    args, _, _ = toy_batch
+    g_coarse, d, g_fine, d_fine = robusta.build_networks(args)
+    nets = {"g_coarse": g_coarse, "d": d, "g_fine": g_fine, "d_fine": d_fine}
+    opts = robusta.optimizers(nets, args)
+    for opt, net in (("opt_g", "g_coarse"), ("opt_d", "d"), ("opt_gf", "g_fine"), ("opt_df", "d_fine")):
+        held = {id(p) for group in opts[opt].param_groups for p in group["params"]}
+        assert held == {id(p) for p in nets[net].parameters()}, opt
+
+
+def test_no_spade_switch_changes_g_coarse(toy_batch):
+    args, _, label = toy_batch
+    outputs = []
+    for extra in ([], ["--no-spade"]):
+        torch.manual_seed(0)
+        parsed = robusta.resolve(robusta.build_parser().parse_args(["train"] + TINY + ["--segformer", "none"] + extra))
+        g = robusta.build_networks(parsed)[0].eval()
+        assert any(isinstance(m, SPADE) for m in g.modules()) == (not extra)
+        with torch.no_grad():
+            outputs.append(g(label))
+    assert not torch.allclose(*outputs, atol=1e-3)
+
+
+def test_resume_loads_optimizer_state_after_moving_the_networks(toy_batch):
+    args, real, label = toy_batch
+    args.no_fine = True
+    g, d, _, _ = robusta.build_networks(args)
+    nets = {"g_coarse": g, "d": d, "g_fine": None, "d_fine": None}
+    opts = robusta.optimizers(nets, args)
+    coarse_step((g, d), (opts["opt_g"], opts["opt_d"]), label, real, args)
+    state = {**{k: m.state_dict() for k, m in nets.items() if m is not None},
+             **{k: o.state_dict() for k, o in opts.items()}}
+    g2, d2, _, _ = robusta.build_networks(args)
+    fresh = {"g_coarse": g2, "d": d2, "g_fine": None, "d_fine": None}
+    opts2 = robusta.optimizers(fresh, args)
+    # Optimizer.load_state_dict casts the state to the device AND dtype of the parameters it finds; on a
+    # CPU-only machine a move to float64 stands in for the move to the run's GPU (run.wrap)
+    moved = robusta.restore(state, fresh, opts2, lambda m: m.to(torch.float64))
+    assert all(p.dtype == torch.float64 for m in moved.values() if m is not None for p in m.parameters())
+    for opt in opts2.values():
+        for group in opt.param_groups:
+            for p in group["params"]:
+                for key in ("exp_avg", "exp_avg_sq"):
+                    assert (opt.state[p][key].device, opt.state[p][key].dtype) == (p.device, p.dtype)
+    assert torch.equal(opts2["opt_d"].state[next(d2.parameters())]["exp_avg"].float(),
+                       opts["opt_d"].state[next(d.parameters())]["exp_avg"])  # and it is the saved state
+
+
+def test_stage_2_reads_g_coarse_and_leaves_it_untouched(toy_root, tmp_path, monkeypatch):
+    saved, fine_inputs = [], []
+    save = segment.Run.save
+    monkeypatch.setattr(segment.Run, "save", lambda self, state, tag="last": (saved.append(
+        (state["stage"], {k: v.clone() for k, v in state["g_coarse"].items()})), save(self, state, tag))[1])
+    gan_step = robusta.gan_step
+
+    def recording_step(run, g, d, opt_g, opt_d, label, inputs, *rest):
+        if isinstance(g, GFine):
+            fine_inputs.append((label.clone(), inputs[0].clone()))
+        return gan_step(run, g, d, opt_g, opt_d, label, inputs, *rest)
+    monkeypatch.setattr(robusta, "gan_step", recording_step)
+    argv = ["train", "--data-root", str(toy_root), "--out", str(tmp_path), "--name", "frozen", "--epochs", "1",
+            "--fine-epochs", "1", "--segformer", "none"] + TINY
+    robusta.main(argv)
+    after_stage_1 = [s for stage, s in saved if stage == "coarse"][-1]
+    final = saved[-1][1]
+    assert all(torch.equal(final[k], v) for k, v in after_stage_1.items())  # weights and BN buffers
+    assert any("running_mean" in k for k in final) and len(fine_inputs) == 2
+    args = robusta.resolve(robusta.build_parser().parse_args(argv))
+    g_coarse = robusta.build_networks(args)[0]
+    g_coarse.load_state_dict(after_stage_1)
+    label, seen = fine_inputs[0]
+    with torch.no_grad():
+        assert torch.allclose(seen, robusta.low_resolution(g_coarse.eval()(label), args.fine_scale), atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def trained(toy_root, tmp_path_factory):
+    """A tiny two-stage checkpoint: (checkpoint path, the command line that trained it)."""
+    out = tmp_path_factory.mktemp("runs")
+    argv = ["train", "--data-root", str(toy_root), "--out", str(out), "--name", "toy", "--epochs", "1",
             "--fine-epochs", "1"] + TINY
-    checkpoint = robusta.main(argv)
+    return robusta.main(argv), argv
+
+
+def test_paper_presets_refuse_a_missing_vgg(tmp_path, capsys):
+    argv = ["train", "--dataset", "cityscapes", "--data-root", str(tmp_path), "--out", str(tmp_path)]
+    with pytest.raises(SystemExit) as stop:
+        data.cli(robusta.main, argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(lines) == 1
+    assert "vgg19-dcbb9e9d.pth" in lines[0] and robusta.VGG19_URL in lines[0] and "--lambda-vgg 0" in lines[0]
+    parse = lambda extra: robusta.resolve(robusta.build_parser().parse_args(argv + extra))  # noqa: E731
+    robusta.check_vgg(parse(["--lambda-vgg", "0", "--fine-lambda-vgg", "0"]))  # L_VGG off: no VGG needed
+    robusta.check_vgg(parse(["--lambda-vgg", "0", "--no-fine"]))  # stage 2 off
+    with pytest.raises(data.MissingFile):
+        robusta.check_vgg(parse(["--lambda-vgg", "0"]))  # stage 2 still uses it (Table A3: 10)
+    robusta.check_vgg(robusta.resolve(robusta.build_parser().parse_args(["train", "--lambda-vgg", "5"])))  # demo
+
+
+def test_generated_sets_are_named_after_their_source_split(trained, toy_root, tmp_path):
+    checkpoint, _ = trained
+    common = ["generate", "--checkpoint", str(checkpoint), "--data-root", str(toy_root), "--device", "cpu"]
+    out = robusta.main(common + ["--out-root", str(tmp_path / "default")])  # train label maps -> train
+    assert len(data.Cityscapes(out, "train")) == 4 and not (out / "leftImg8bit" / "val").exists()
+    assert json.loads((out / "manifest.json").read_text())["source_split"] == "train"
+    out = robusta.main(common + ["--split", "val", "--out-root", str(tmp_path / "val")])
+    assert len(data.Cityscapes(out, "val")) == 2 and not (out / "leftImg8bit" / "train").exists()
+    with pytest.raises(data.BadInput, match="allow-val-in-train"):
+        robusta.main(common + ["--split", "val", "--out-split", "train", "--out-root", str(tmp_path / "leak")])
+    assert not (tmp_path / "leak").exists()
+    with pytest.raises(data.BadInput):
+        robusta.main(common[:3] + ["--labels", str(toy_root / "gtFine" / "val"), "--out-split", "train",
+                                   "--out-root", str(tmp_path / "leak")])
+    out = robusta.main(common + ["--split", "val", "--out-split", "train", "--allow-val-in-train",
+                                 "--out-root", str(tmp_path / "asked")])
+    assert len(data.Cityscapes(out, "train")) == 2
+    assert robusta.split_of(toy_root / "gtFine" / "val" / "city") == "val" and robusta.split_of(tmp_path) == "train"
+
+
+def test_evaluate_uses_a_published_evaluator(trained, toy_root, tmp_path, monkeypatch):
+    checkpoint, _ = trained
+    calls = []
+
+    class Evaluator(torch.nn.Module):  # stands in for DRN-D-105: RGB in [0, 1] -> logits at input size
+        def forward(self, x):
+            assert x.min() >= 0 and x.max() <= 1
+            return data.one_hot(torch.full(x.shape[:1] + x.shape[2:], 0), 19)  # says "road" everywhere
+
+    monkeypatch.setattr(segment, "load_evaluator", lambda name, path, num_classes=None: calls.append(
+        (name, str(path), num_classes)) or Evaluator(), raising=False)
+    argv = ["evaluate", "--checkpoint", str(checkpoint), "--data-root", str(toy_root), "--device", "cpu",
+            "--segmenter", str(tmp_path / "drn.pth")]
+    results = robusta.main(argv + ["--segmenter-model", "drn-d-105"])
+    assert calls == [("drn-d-105", str(tmp_path / "drn.pth"), 19)]
+    labels = torch.stack([s["labels"] for s in data.Cityscapes(toy_root, "val", size=(32, 64))])
+    cm = metrics.ConfusionMatrix(19)
+    cm.update(torch.zeros_like(labels), labels)
+    assert results["fine/miou"] == results["real/miou"] == pytest.approx(float(cm.miou()))
+    assert "drn-d-105" in robusta.EVALUATORS and "segformer-b5" in robusta.EVALUATORS
+    with pytest.raises(SystemExit):
+        robusta.main(argv + ["--segmenter-model", "no-such-net"])
+
+
+def test_train_checkpoint_resume_and_generate(trained, tmp_path):
+    checkpoint, argv = trained
     state = torch.load(checkpoint, weights_only=True)
     assert state["stage"] == "done" and state["step"] == 4  # 2 steps per stage
     g_coarse, g_fine, args = robusta.load_generators(checkpoint)
     assert all(torch.equal(v, state["g_coarse"][k]) for k, v in g_coarse.state_dict().items())
     assert all(torch.equal(v, state["g_fine"][k]) for k, v in g_fine.state_dict().items())
-    assert (tmp_path / "toy" / "index.html").exists() and len(list((tmp_path / "toy" / "samples").glob("*.png"))) == 2
+    run_dir = Path(checkpoint).parent
+    assert (run_dir / "index.html").exists() and len(list((run_dir / "samples").glob("*.png"))) == 2
     assert robusta.main(argv + ["--resume", "auto"]) == checkpoint  # nothing left to do
     after = torch.load(checkpoint, weights_only=True)
     assert torch.equal(after["g_fine"]["tail.weight"], state["g_fine"]["tail.weight"])
 
     source = robusta.image_dataset(args, "val", args.size)
-    out = robusta.generate(checkpoint, source, tmp_path / "gen", edits=["dilate:disk:1"], outliers=1)
+    out = robusta.generate(checkpoint, source, tmp_path / "gen", edits=["dilate:disk:1"], outliers=1,
+                           source_split="val", split="train", allow_val_in_train=True)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["checkpoint_sha256"] == robusta.sha256(checkpoint) and manifest["edits"][0]["op"] == "dilate"
     stem = source[0]["name"]
@@ -372,7 +541,8 @@ def test_train_checkpoint_resume_and_generate(toy_root, tmp_path):
     assert len(generated) == 2 and generated[0]["image"].shape == (3, 32, 64)
     image = out / "leftImg8bit" / "train" / "robusta" / f"{stem}_leftImg8bit.png"
     before = image.stat().st_mtime_ns
-    robusta.generate(checkpoint, source, tmp_path / "gen", edits=["dilate:disk:1"], outliers=1)
+    robusta.generate(checkpoint, source, tmp_path / "gen", edits=["dilate:disk:1"], outliers=1,
+                     source_split="val", split="train", allow_val_in_train=True)
     assert image.stat().st_mtime_ns == before  # resumed: finished images are not rendered again
 
 
