@@ -603,36 +603,105 @@ def closing(x, se):
     return erode(dilate(x, se), se)
 
 
+# Class names per label id of each dataset, for the lexicographic order and for edits restricted to
+# classes: Cityscapes (data.LABELS, ids 0..33 and -1), ADE20K (SceneParsing's objectInfo150, ids
+# 1..150, 0 = "other") and COCO-Stuff (the stuffthingmaps values: 0..90 things incl. the 11 unused
+# ids, 91..181 stuff, 182 = unlabeled as data.CocoStuff encodes it).
+ADE20K_NAMES = ("other", "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass",
+                "cabinet", "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair",
+                "car", "water", "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair",
+                "seat", "fence", "desk", "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box",
+                "column", "signboard", "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace",
+                "refrigerator", "grandstand", "path", "stairs", "runway", "case", "pool table", "pillow",
+                "screen door", "stairway", "river", "bridge", "bookcase", "blind", "coffee table", "toilet", "flower",
+                "book", "hill", "bench", "countertop", "stove", "palm", "kitchen island", "computer", "swivel chair",
+                "boat", "bar", "arcade machine", "hovel", "bus", "towel", "light", "truck", "tower", "chandelier",
+                "awning", "streetlight", "booth", "television receiver", "airplane", "dirt track", "apparel", "pole",
+                "land", "bannister", "escalator", "ottoman", "bottle", "buffet", "poster", "stage", "van", "ship",
+                "fountain", "conveyer belt", "canopy", "washer", "plaything", "swimming pool", "stool", "barrel",
+                "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven", "ball", "food", "step", "tank",
+                "trade name", "microwave", "pot", "animal", "bicycle", "lake", "dishwasher", "screen", "blanket",
+                "sculpture", "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier", "crt screen",
+                "plate", "monitor", "bulletin board", "shower", "radiator", "glass", "clock", "flag")
+COCO_STUFF_NAMES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "street sign", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "hat", "backpack", "umbrella", "shoe", "eye glasses", "handbag", "tie",
+    "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard",
+    "surfboard", "tennis racket", "bottle", "plate", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana",
+    "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "mirror", "dining table", "window", "desk", "toilet", "door", "tv", "laptop", "mouse",
+    "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "blender", "book",
+    "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush", "hair brush",  # things: ids 0..90
+    "banner", "blanket", "branch", "bridge", "building-other", "bush", "cabinet", "cage", "cardboard", "carpet",
+    "ceiling-other", "ceiling-tile", "cloth", "clothes", "clouds", "counter", "cupboard", "curtain", "desk-stuff",
+    "dirt", "door-stuff", "fence", "floor-marble", "floor-other", "floor-stone", "floor-tile", "floor-wood", "flower",
+    "fog", "food-other", "fruit", "furniture-other", "grass", "gravel", "ground-other", "hill", "house", "leaves",
+    "light", "mat", "metal", "mirror-stuff", "moss", "mountain", "mud", "napkin", "net", "paper", "pavement", "pillow",
+    "plant-other", "plastic", "platform", "playingfield", "railing", "railroad", "river", "road", "rock", "roof", "rug",
+    "salad", "sand", "sea", "shelf", "sky-other", "skyscraper", "snow", "solid-other", "stairs", "stone", "straw",
+    "structural-other", "table", "tent", "textile-other", "towel", "tree", "vegetable", "wall-brick", "wall-concrete",
+    "wall-other", "wall-panel", "wall-stone", "wall-tile", "wall-wood", "water-other", "waterdrops", "window-blind",
+    "window-other", "wood",  # stuff: ids 91..181
+    "unlabeled")
+COCO_STUFF_THINGS = 91  # ids 0..90
+LABEL_TABLES = {"cityscapes": {label.name: label.id for label in data.LABELS},
+                "ade20k": {name: i for i, name in enumerate(ADE20K_NAMES)},
+                "coco-stuff": {name: i for i, name in enumerate(COCO_STUFF_NAMES)}}
+TABLE_OF = {"cityscapes": "cityscapes", "toycity": "cityscapes", "kaist": "cityscapes", "ade20k": "ade20k",
+            "ade20k-outdoors": "ade20k", "coco-stuff": "coco-stuff"}  # preset -> its label table
+
 # The lexicographic order of Appendix D: stuff (every class not listed) is the smallest element;
-# listed classes rank from the highest (first) to the lowest (last). The paper's Cityscapes order
-# is traffic sign > traffic light > person > car > cycle > truck > train; we add rider beside
-# person and bus, caravan, trailer beside truck (our choice). Classes of one entry share a rank
-# and are ordered among themselves by label id (our choice: a total order is needed).
+# listed classes rank from the highest (first) to the lowest (last); classes of one entry share a
+# rank and are ordered among themselves by label id (our choice: a total order is needed).
+# Cityscapes, the paper's order: traffic sign > traffic light > person > car > cycle > truck > train;
+# we add rider beside person and bus, caravan, trailer beside truck (our choice).
 PRIORITY = (("traffic sign",), ("traffic light",), ("person", "rider"), ("car",),
             ("bicycle", "motorcycle"), ("truck", "bus", "caravan", "trailer"), ("train",))
+# ADE20K and COCO-Stuff (our choice; the paper gives Cityscapes' order only): the same order with
+# each dataset's names (small objects first); for COCO-Stuff every other thing class then shares
+# the lowest object rank, so that things rank above stuff. Any order: --priority.
+PRIORITIES = {
+    "cityscapes": PRIORITY,
+    "ade20k": (("signboard",), ("traffic light",), ("person",), ("car", "van"), ("bicycle", "minibike"),
+               ("truck", "bus")),
+    "coco-stuff": (("stop sign", "street sign"), ("traffic light",), ("person",), ("car",), ("bicycle", "motorcycle"),
+                   ("truck", "bus"), ("train",),
+                   tuple(n for n in COCO_STUFF_NAMES[:COCO_STUFF_THINGS] if n not in (
+                       "stop sign", "street sign", "traffic light", "person", "car", "bicycle", "motorcycle", "truck",
+                       "bus", "train")))}
 
 
-def _label_id(name_or_id):
-    if isinstance(name_or_id, int):
-        return name_or_id
-    for label in data.LABELS:
-        if label.name == name_or_id:
-            return label.id
-    raise data.BadInput(f"unknown Cityscapes label {name_or_id!r}; names are those of data.LABELS")
+def parse_priority(text):
+    """'traffic sign,person+rider,car' -> (("traffic sign",), ("person", "rider"), ("car",)):
+    highest rank first, '+' joins the classes of one rank; names of the dataset's table, or ids."""
+    return tuple(tuple(c.strip() for c in entry.split("+")) for entry in text.split(",") if entry.strip())
 
 
-def lexicographic_codes(priority=None, device="cpu"):
+def _label_id(name_or_id, dataset="cityscapes"):
+    """A class name of `dataset`'s label table (or an id, int or digits) -> its label id."""
+    if isinstance(name_or_id, int) or str(name_or_id).isdigit():
+        return int(name_or_id)
+    table = LABEL_TABLES[TABLE_OF.get(dataset, dataset)]
+    if name_or_id not in table:
+        raise data.BadInput(f"unknown {TABLE_OF.get(dataset, dataset)} label {name_or_id!r}; names are those of "
+                            f"robusta.LABEL_TABLES[{TABLE_OF.get(dataset, dataset)!r}] (or give label ids)")
+    return table[name_or_id]
+
+
+def lexicographic_codes(priority=None, device="cpu", dataset="cityscapes"):
     """The order of Appendix D as a table: (code (256,) uint8 from label id, ids (K+1,) int64 from code).
 
     Code 0 = every stuff id; the K ranked ids get codes 1..K, increasing with rank, so that
     max/min of codes realise sup/inf of the lexicographic order. `priority`: highest first, a list
-    of class names or ids or tuples of them (one rank); default `PRIORITY`.
+    of class names (of `dataset`'s label table) or ids or tuples of them (one rank); default the
+    dataset's `PRIORITIES` entry.
     """
-    entries = PRIORITY if priority is None else priority
+    entries = PRIORITIES[TABLE_OF.get(dataset, dataset)] if priority is None else priority
     ranked = []
     for entry in reversed(list(entries)):  # lowest rank first
         group = entry if isinstance(entry, (tuple, list)) else (entry,)
-        ranked += sorted(_label_id(c) for c in group)
+        ranked += sorted(_label_id(c, dataset) for c in group)
     if len(set(ranked)) != len(ranked) or len(ranked) > 254:
         raise data.BadInput(f"priority lists a class twice or more than 254 classes: {entries}")
     code = torch.zeros(256, dtype=torch.uint8, device=device)
@@ -642,21 +711,21 @@ def lexicographic_codes(priority=None, device="cpu"):
     return code, ids
 
 
-def _chosen(labels, classes):
+def _chosen(labels, classes, dataset):
     """Boolean mask of the pixels whose class is among `classes` (names or ids)."""
-    return torch.isin(labels, torch.tensor([_label_id(c) for c in classes], device=labels.device))
+    return torch.isin(labels, torch.tensor([_label_id(c, dataset) for c in classes], device=labels.device))
 
 
-def dilate_labels(labels, se, priority=None, classes=None):
+def dilate_labels(labels, se, priority=None, classes=None, dataset="cityscapes"):
     """Dilation of a label-id map (N, H, W) under the lexicographic order (Appendix D, Eq. A11).
 
     Each pixel takes the highest-ranked class in its window (-B, Eq. A11); stuff never grows, so
     a stuff pixel changes only where an object grows over it. With `classes`, only those classes
     grow (over stuff and lower-ranked objects).
     """
-    code, ids = lexicographic_codes(priority, labels.device)
+    code, ids = lexicographic_codes(priority, labels.device, dataset)
     codes = code.take(labels)  # (N, H, W) uint8
-    growing = codes if classes is None else torch.where(_chosen(labels, classes), codes, 0)
+    growing = codes if classes is None else torch.where(_chosen(labels, classes, dataset), codes, 0)
     grown = dilate(growing[:, None], se)[:, 0]  # Eq. (A11) on the codes
     changed = grown > codes
     out = labels.clone()
@@ -664,7 +733,7 @@ def dilate_labels(labels, se, priority=None, classes=None):
     return out
 
 
-def erode_labels(labels, se, priority=None, classes=None):
+def erode_labels(labels, se, priority=None, classes=None, dataset="cityscapes"):
     """Erosion of a label-id map (N, H, W) under the lexicographic order (Appendix D, Eq. A10).
 
     An object pixel whose window (B) holds a lower-ranked pixel is freed and takes the infimum of
@@ -672,12 +741,12 @@ def erode_labels(labels, se, priority=None, classes=None):
     label in the window (our choice; ties go to the smaller id). With `classes`, only those classes
     shrink. The image border does not erode (outside = +inf).
     """
-    code, ids = lexicographic_codes(priority, labels.device)
+    code, ids = lexicographic_codes(priority, labels.device, dataset)
     codes = code.take(labels)  # (N, H, W) uint8
     shrunk = erode(codes[:, None], se)[:, 0]  # Eq. (A10) on the codes
     freed = shrunk < codes
     if classes is not None:
-        freed &= _chosen(labels, classes)
+        freed &= _chosen(labels, classes, dataset)
     out = labels.clone()
     out[freed] = ids[shrunk[freed].long()]
     to_stuff = freed & (shrunk == 0)
@@ -724,14 +793,15 @@ def parse_edit(text):
     return {"op": parts[0], "shape": parts[1], "size": size, "classes": classes}
 
 
-def edit_labels(labels, edit, priority=None):
-    """Apply one parsed (or textual) morphological edit to a label-id map (N, H, W)."""
+def edit_labels(labels, edit, priority=None, dataset="cityscapes"):
+    """Apply one parsed (or textual) morphological edit to a label-id map (N, H, W) of `dataset`
+    (its label table names the classes; its `PRIORITIES` entry is the default order)."""
     edit = parse_edit(edit) if isinstance(edit, str) else edit
     se = structuring_element(edit["shape"], edit["size"])
     steps = {"dilate": [dilate_labels], "erode": [erode_labels], "open": [erode_labels, dilate_labels],
              "close": [dilate_labels, erode_labels]}[edit["op"]]
     for step in steps:
-        labels = step(labels, se, priority, edit["classes"])
+        labels = step(labels, se, priority, edit["classes"], dataset)
     return labels
 
 
@@ -1037,11 +1107,11 @@ def sha256(path):
 
 
 def _generate_batch(pending, g_coarse, g_fine, label_nc, edits, outliers, corruption, severity, seed,
-                    priority, images_dir, labels_dir, device):
+                    priority, dataset, images_dir, labels_dir, device):
     """Edit, paste outliers, render, corrupt and write one batch of (index, sample) pairs."""
     ids = torch.stack([s["label_ids"] for _, s in pending]).to(device)  # (B, H, W)
     for edit in edits:
-        ids = edit_labels(ids, edit, priority)
+        ids = edit_labels(ids, edit, priority, dataset)
     if outliers:
         ids = torch.stack([paste_outliers(m, outliers, torch.Generator().manual_seed(seed + i))
                            for m, (i, _) in zip(ids, pending)])
@@ -1107,7 +1177,7 @@ def generate(checkpoint, source, out_root, edits=(), outliers=0, corruption=None
                 "outliers": outliers, "outlier_ids": list(data.OUTLIER_IDS), "corruption": corruption,
                 "severity": severity if corruption else None, "seed": seed, "seeds": "image i: seed + i",
                 "generator": "G_coarse" if g_fine is None else "G_coarse + G_fine", "count": len(source),
-                "priority": priority or [list(e) for e in PRIORITY]}
+                "priority": [list(e) for e in priority or PRIORITIES[TABLE_OF.get(args.dataset, args.dataset)]]}
     (out_root / "manifest.json").write_text(json.dumps(manifest, indent=2))
     pending, skipped, rendered, start = [], 0, 0, time.time()
     for index in range(len(source)):
@@ -1120,7 +1190,7 @@ def generate(checkpoint, source, out_root, edits=(), outliers=0, corruption=None
             continue
         if pending:
             _generate_batch(pending, g_coarse, g_fine, args.label_nc, edits, outliers, corruption, severity,
-                            seed, priority, images_dir, labels_dir, device)
+                            seed, priority, args.dataset, images_dir, labels_dir, device)
             rendered += len(pending)
             pending = []
         rate = rendered / max(time.time() - start, 1e-9)
@@ -1344,6 +1414,11 @@ def options_from_preset(name):
     return resolve(build_parser().parse_args(["train", "--dataset", name]))
 
 
+PRIORITY_HELP = ("lexicographic order of the edits (Appendix D), highest rank first, '+' joins classes of one "
+                 "rank, unlisted classes are stuff: e.g. 'traffic sign,traffic light,person+rider,car' "
+                 "(default: the dataset's, robusta.PRIORITIES)")
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command")
@@ -1365,6 +1440,7 @@ def build_parser():
                         "evaluation set into training)")
     q.add_argument("--edit", action="append", default=[], help="morphological edit OP:SHAPE:SIZE[:CLASSES], repeatable "
                    "(e.g. dilate:disk:5, erode:square:7:person,car)")
+    q.add_argument("--priority", default=None, help=PRIORITY_HELP)
     q.add_argument("--outliers", type=int, default=0, help="outlier objects pasted into each map")
     q.add_argument("--corruption", default=None, help="a data.CORRUPTIONS name applied to the rendered images")
     q.add_argument("--severity", type=int, default=3, help="corruption severity 1..5")
@@ -1389,6 +1465,9 @@ def build_parser():
     q.add_argument("--labels", required=True, help="a label-id PNG or a folder of them")
     q.add_argument("--edit", action="append", required=True, help="OP:SHAPE:SIZE[:CLASSES], repeatable")
     q.add_argument("--out", required=True, help="output folder (edited _labelIds.png + _color.png)")
+    q.add_argument("--dataset", default="cityscapes", choices=sorted(TABLE_OF),
+                   help="whose label ids the maps hold (names of classes and default order, Appendix D)")
+    q.add_argument("--priority", default=None, help=PRIORITY_HELP)
     return p
 
 
@@ -1468,13 +1547,16 @@ def edit_files(args):
     files = [Path(args.labels)] if source is None else source.files
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    priority = parse_priority(args.priority) if args.priority else None
     for path in files:
         ids = data.read_label(path)[None]
         for e in args.edit:
-            ids = edit_labels(ids, e)
+            ids = edit_labels(ids, e, priority, args.dataset)
         stem = path.name[: -len(".png")].replace("_gtFine_labelIds", "")
         data.write_label(out / f"{stem}_gtFine_labelIds.png", ids[0])
-        data.write_image(out / f"{stem}_gtFine_color.png", data.colorize(ids[0], kind="id").permute(2, 0, 1) / 255)
+        if TABLE_OF[args.dataset] == "cityscapes":  # Cityscapes colours
+            data.write_image(out / f"{stem}_gtFine_color.png",
+                             data.colorize(ids[0], kind="id").permute(2, 0, 1) / 255)
     print(f"edit: {len(files)} label maps -> {out}")
 
 
@@ -1698,7 +1780,8 @@ def main(argv=None):
         if args.max_images:
             source = torch.utils.data.Subset(source, range(min(args.max_images, len(source))))
         return generate(args.checkpoint, source, args.out_root, args.edit, args.outliers, args.corruption,
-                        args.severity, args.seed, args.batch_size, args.device, source_split=source_split,
+                        args.severity, args.seed, args.batch_size, args.device,
+                        parse_priority(args.priority) if args.priority else None, source_split=source_split,
                         split=args.out_split, allow_val_in_train=args.allow_val_in_train)
     if args.command == "evaluate":
         g_coarse, g_fine, trained = load_generators(args.checkpoint, args.device)

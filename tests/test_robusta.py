@@ -129,6 +129,43 @@ def test_edit_strings():
     assert torch.equal(robusta.edit_labels(labels, "dilate:disk:1"), dilate_labels(labels, cross))
 
 
+def test_morphology_on_ade20k_and_coco_stuff_maps_uses_their_own_tables(tmp_path):
+    ade = robusta.LABEL_TABLES["ade20k"]
+    road, person, car = ade["road"], ade["person"], ade["car"]
+    assert (road, person, car) == (7, 13, 21)  # in Cityscapes ids: 7 road, 13 fence, 21 vegetation (stuff)
+    labels = torch.full((1, 7, 9), road)
+    labels[0, 2:5, 1:4] = person
+    labels[0, 2:5, 4:7] = car  # a person beside a car on the road
+    cross = structuring_element("cross", 3)
+    out = dilate_labels(labels, cross, dataset="ade20k")
+    assert out[0, 3, 4] == person and out[0, 3, 7] == car and out[0, 1, 2] == person  # person > car > stuff
+    assert torch.equal(dilate_labels(labels, cross), labels)  # Cityscapes ranks: ids 13 and 21 are stuff
+    swapped = dilate_labels(labels, cross, robusta.parse_priority("car,person"), dataset="ade20k")
+    assert swapped[0, 3, 3] == car and swapped[0, 3, 4] == car  # --priority: the car now grows over the person
+    assert torch.equal(robusta.edit_labels(labels, "dilate:cross:3:car", dataset="ade20k"),
+                       dilate_labels(labels, cross, classes=[car], dataset="ade20k"))
+    coco = robusta.LABEL_TABLES["coco-stuff"]
+    grass, dog, person = coco["grass"], coco["dog"], coco["person"]
+    assert (person, dog, grass, coco["wood"], coco["unlabeled"]) == (0, 17, 123, 181, 182)
+    labels = torch.full((1, 5, 8), grass)
+    labels[0, 2, 2], labels[0, 2, 3] = dog, person
+    out = dilate_labels(labels, cross, dataset="coco-stuff")
+    assert out[0, 2, 1] == dog and out[0, 1, 2] == dog and out[0, 2, 4] == person  # every thing > stuff
+    assert out[0, 2, 2] == person  # Appendix D's person ranks above the other things
+    with pytest.raises(data.BadInput, match="signboard"):
+        robusta.edit_labels(labels, "dilate:disk:1:signboard", dataset="coco-stuff")  # an ADE20K name
+    # the edit command line on an ADE20K-style annotation file
+    folder = tmp_path / "ade"
+    folder.mkdir()
+    ade_map = torch.full((7, 9), road)
+    ade_map[2:5, 4:7] = car
+    data.write_label(folder / "ADE_val_00000001.png", ade_map)
+    robusta.main(["edit", "--labels", str(folder / "ADE_val_00000001.png"), "--edit", "dilate:cross:3",
+                  "--dataset", "ade20k", "--out", str(tmp_path / "out")])
+    edited = data.read_label(tmp_path / "out" / "ADE_val_00000001_gtFine_labelIds.png")
+    assert edited[1, 5] == car and (edited == car).sum() == 9 + 12
+
+
 # --- Networks (Table A1) and losses -------------------------------------------------------------
 
 
