@@ -6,17 +6,21 @@ losses), B.1 (Tables A2/A3), D (morphology), E.1.3 (spectral analysis), F.3 (Tab
 In reading order:
 
 1. Presets: `PRESETS` (Tables A2 and A3, one row per dataset).
-2. Networks: `SPADE` (Eq. A6), `SPADEResBlock`, `GCoarse` (Table A1, Fig. A1), `GFine`
-   (SRGAN-style refinement), `PatchDiscriminator`, `MultiscaleDiscriminator`, `vgg19_features`,
-   `VGGLoss` (Eq. A5).
-3. Losses: `gan_loss` (Eq. A1; Eq. A8 in "ls" mode; hinge), `feature_matching_loss` (Eq. A4),
-   `coarse_generator_loss` (Eq. A2, A3, A7), `fine_generator_loss` (Eq. A9), `discriminator_loss`.
+2. Networks: `SPADE` (Eq. A6), `SPADEResBlock`, `GCoarse` (Table A1, Fig. A1; 3 blocks from
+   Table A11), `GFine` (SRGAN on I_LR at 1/8 resolution, sized from Table A11),
+   `PatchDiscriminator`, `MultiscaleDiscriminator`, `vgg19_features`, `VGGLoss` (Eq. A5).
+3. Losses (pix2pixHD's bookkeeping): `gan_loss` (Eq. A1; Eq. A8 in "ls" mode; hinge; summed over
+   D's scales), `discriminator_loss`, `feature_matching_loss` (Eq. A4: intermediate layers,
+   1/num_D x 4/(n_layers+1)), `coarse_generator_loss` (Eq. A2, A3, A7), `fine_generator_loss` (Eq. A9).
 4. Label morphology (Appendix D): `structuring_element`, `erode` (Eq. A10), `dilate` (Eq. A11),
-   `opening`, `closing` on (N, C, H, W) tensors; `dilate_labels`, `erode_labels` on label-id maps
-   under the lexicographic order; `parse_edit`, `edit_labels` for "dilate:disk:5"-style edits.
-5. Training (Sec. A.2): `train` - stage 1 G_coarse + D with L_coarse, stage 2 G_fine + D_fine with
-   L_fine on G_coarse's frozen outputs.
-6. Generation: `load_generators`, `render`, `paste_outliers`, `generate` (Cityscapes layout + manifest).
+   `opening`, `closing` on (N, C, H, W) tensors; `LABEL_TABLES`, `PRIORITIES` (per dataset),
+   `dilate_labels`, `erode_labels` on label-id maps under the lexicographic order; `parse_edit`,
+   `edit_labels` for "dilate:disk:5"-style edits, `parse_priority` for --priority.
+5. Training (Sec. A.2): `gan_step` (D on real and generated pairs, then G), `optimizers`,
+   `restore`, `check_vgg`, `train` - stage 1 G_coarse + D with L_coarse, stage 2 G_fine + D_fine
+   with L_fine on I_LR, the frozen G_coarse's image downsampled (`low_resolution`).
+6. Generation: `load_generators`, `render`, `paste_outliers`, `output_split` (no validation maps
+   in a train split, Sec. F.4), `generate` (Cityscapes layout + manifest).
 7. Evaluation: `evaluate_generators` (FID, mIoU of a segmenter on generated images, spectral
    distance), `profile` (Table A11); the command line (`main`: run | train | generate | evaluate |
    profile | edit) and `run_pipeline`, the default.
@@ -26,11 +30,13 @@ In reading order:
 
 Run:
     python robusta.py                                     # demo: the whole pipeline on ToyCity (CPU, minutes)
-    python robusta.py --dataset cityscapes --data-root PATH --vgg vgg19-dcbb9e9d.pth --segmenter SEG.pt
-    python robusta.py train --dataset ade20k --data-root ADEChallengeData2016 --segformer b2 --no-spade-fine
-    python robusta.py edit --labels gtFine/val --edit dilate:disk:5:person,car --out edited/
-    python robusta.py generate --checkpoint runs/robusta/last.pt --labels PATH --edit dilate:disk:5 --out-root gen/
+    python robusta.py --dataset cityscapes --data-root PATH --vgg vgg19-dcbb9e9d.pth --segmenter drn-d-105.pth
+    python robusta.py train --dataset ade20k --data-root ADEChallengeData2016 --vgg vgg19-dcbb9e9d.pth --segformer b2
+    python robusta.py edit --labels gtFine/train/aachen --edit dilate:disk:5:person,car --out edited/train
+    python robusta.py generate --checkpoint runs/robusta/last.pt --dataset cityscapes --data-root PATH
+           --edit dilate:disk:5 --out-root gen/       # train label maps -> gen/leftImg8bit/train/...
     python robusta.py evaluate --checkpoint runs/robusta/last.pt --dataset cityscapes --data-root PATH
+           --segmenter drn-d-105.pth --inception pt_inception-2015-12-05-6726825d.pth  # val maps, DRN-D-105
     python robusta.py profile                             # parameters / mult-adds / memory beside Table A11
     python robusta.py experiment [--quick]                # Tables A5/A6/A10 + Fig. A2 on ToyCity, 3 seeds
     torchrun --nproc_per_node 4 robusta.py train ...      # DistributedDataParallel, same code
@@ -1389,8 +1395,8 @@ def add_train_args(p):
 
 def add_eval_args(p):
     g = p.add_argument_group("evaluation")
-    g.add_argument("--segmenter", default=None, help="segment.py checkpoint for mIoU on generated images "
-                   "(the demo trains one on real ToyCity when absent)")
+    g.add_argument("--segmenter", default=None, help="weights of the segmenter that scores generated images (mIoU, "
+                   "C.1.2; see --segmenter-model); the demo trains one on real ToyCity when absent")
     g.add_argument("--segmenter-model", default=None, choices=list(segment.MODELS) + list(EVALUATORS),
                    help="architecture of --segmenter: a published evaluator (segment.load_evaluator) or a "
                         "segment.py model; default: the paper's evaluator of --dataset (C.1.2: DRN-D-105 for "

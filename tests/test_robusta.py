@@ -215,6 +215,14 @@ def test_every_preset_builds_with_the_right_shapes(preset, monkeypatch):
     assert g_coarse.fuse.conv.out_channels == 2 * args.ngf  # 128 at the latent resolution (Table A1)
 
 
+def test_cityscapes_preset_matches_table_a11_within_10_percent(capsys):
+    rows = {r["networks"]: r for r in robusta.profile(["cityscapes"])}  # counted on the meta device
+    for part, paper in robusta.PAPER_COST.items():
+        assert rows[part]["mparams"] == pytest.approx(paper["mparams"], rel=0.1), part
+        assert rows[part]["gmacs_torchinfo"] == pytest.approx(paper["gmacs"], rel=0.1), part  # Table A11's count
+    assert "98.6 M" in capsys.readouterr().out
+
+
 def test_gfine_refines_and_upscales():
     image, label = torch.rand(1, 3, 16, 24) * 2 - 1, data.one_hot(torch.randint(0, 34, (1, 32, 48)))
     g = GFine(nf=8, n_blocks=1, scale=2, spade_hidden=8)
