@@ -88,8 +88,8 @@ PRESETS = {
     # stage, a faster learning rate, and no L_VGG (no ImageNet VGG ships offline, and random VGG
     # features cost most of a CPU step; give --vgg PATH --lambda-vgg 5 --fine-lambda-vgg 10 to use it).
     "toycity": dict(_CITYSCAPES, segformer="b0", ngf=16, n_blocks=3, spade_hidden=32, ndf=16, fine_nf=16,
-                    fine_blocks=2, fine_scale=2, lr=5e-4, batch_size=4, size=(64, 128), weight_decay=0.0, epochs=100, minutes=6.0,
-                    lambda_vgg=0.0, fine_lr=5e-4, fine_batch_size=4, fine_size=(64, 128), fine_epochs=30,
+                    fine_blocks=2, fine_scale=2, lr=5e-4, batch_size=4, size=(64, 128), weight_decay=0.0,
+                    epochs=100, minutes=6.0, lambda_vgg=0.0, fine_lr=5e-4, fine_batch_size=4, fine_size=(64, 128), fine_epochs=30,
                     fine_minutes=2.0, fine_lambda_vgg=0.0),
 }
 # Table A11 (Cityscapes, one input): generators + discriminators, forward/backward memory.
@@ -793,7 +793,8 @@ def parse_edit(text):
     """
     parts = text.split(":")
     if len(parts) not in (3, 4) or parts[0] not in ("dilate", "erode", "open", "close"):
-        raise data.BadInput(f"bad edit {text!r}: expected OP:SHAPE:SIZE[:CLASS,CLASS], OP in dilate, erode, open, close")
+        raise data.BadInput(f"bad edit {text!r}: expected OP:SHAPE:SIZE[:CLASS,CLASS], "
+                            "OP in dilate, erode, open, close")
     size = tuple(int(s) for s in parts[2].split("x")) if "x" in parts[2] else int(parts[2])
     classes = parts[3].split(",") if len(parts) == 4 else None
     return {"op": parts[0], "shape": parts[1], "size": size, "classes": classes}

@@ -427,17 +427,21 @@ def test_each_optimizer_holds_exactly_its_own_network(toy_batch):
         assert held == {id(p) for p in nets[net].parameters()}, opt
 
 
-def test_no_spade_switch_changes_g_coarse(toy_batch):
-    args, _, label = toy_batch
-    outputs = []
-    for extra in ([], ["--no-spade"]):
+@pytest.mark.parametrize("switch", ["--no-spade", "--no-spade-fine"])
+def test_spade_switches_change_the_generator_they_name(toy_batch, switch):
+    args, real, label = toy_batch
+    coarse, fine = [], []
+    for extra in ([], [switch]):
         torch.manual_seed(0)
         parsed = robusta.resolve(robusta.build_parser().parse_args(["train"] + TINY + ["--segformer", "none"] + extra))
-        g = robusta.build_networks(parsed)[0].eval()
-        assert any(isinstance(m, SPADE) for m in g.modules()) == (not extra)
+        g_coarse, _, g_fine, _ = (m.eval() for m in robusta.build_networks(parsed))
+        named = g_coarse if switch == "--no-spade" else g_fine  # SPADE 1 / SPADE 2 (Table A6)
+        assert any(isinstance(m, SPADE) for m in named.modules()) == (not extra)
         with torch.no_grad():
-            outputs.append(g(label))
-    assert not torch.allclose(*outputs, atol=1e-3)
+            coarse.append(g_coarse(label))
+            fine.append(g_fine(robusta.low_resolution(real, parsed.fine_scale), label))
+    changed = coarse if switch == "--no-spade" else fine
+    assert not torch.allclose(*changed, atol=1e-3)
 
 
 def test_resume_loads_optimizer_state_after_moving_the_networks(toy_batch):
