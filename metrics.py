@@ -642,20 +642,44 @@ for _op in ("native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm
 
 
 @torch.no_grad()
-def count_macs(model, *inputs, **kwargs):
-    """Multiply-adds of one forward pass `model(*inputs, **kwargs)`, counted on the aten ops executed.
+def count_macs(model, *inputs, convention="aten", **kwargs):
+    """Multiply-adds of one forward pass `model(*inputs, **kwargs)` under one of two conventions.
 
-    Counted (torch.utils.flop_counter, MACs = FLOPs / 2): every convolution (transposed, grouped,
-    dilated: Cout * Cin/groups * k_h * k_w per output position; transposed: per input position),
-    every matmul (nn.Linear, torch.matmul/einsum/bmm, attention scores and values, also
-    F.scaled_dot_product_attention incl. its CPU kernel), and normalisation layers (Batch/Instance/
-    Layer/GroupNorm: 1 MAC per element, 2 with an affine, as ptflops counts them). Not counted:
-    biases, activations, pooling, interpolation, softmax, elementwise arithmetic (e.g. SPADE's
-    x * (1 + gamma) + beta). nn.MultiheadAttention's fused fast path is switched off while
-    counting so that its matmuls are seen. Note: Robusta Table A11 used torchinfo, whose estimate
-    counts parameters x output positions per module (bias included, token dimensions of Linear
-    layers and functional ops not counted), so its numbers are not directly comparable.
+    convention "aten" (ours, the default): counted on the aten ops executed (torch.utils.flop_counter,
+    MACs = FLOPs / 2): every convolution (transposed, grouped, dilated: Cout * Cin/groups * k_h * k_w
+    per output position; transposed: per input position), every matmul (nn.Linear, torch.matmul/
+    einsum/bmm, attention scores and values, also F.scaled_dot_product_attention incl. its CPU
+    kernel), and normalisation layers (Batch/Instance/Layer/GroupNorm: 1 MAC per element, 2 with an
+    affine, as ptflops counts them). Not counted: biases, activations, pooling, interpolation,
+    softmax, elementwise arithmetic (e.g. SPADE's x * (1 + gamma) + beta). nn.MultiheadAttention's
+    fused fast path is switched off while counting so that its matmuls are seen.
+
+    convention "torchinfo": torchinfo's estimate, which Robusta's Table A11 used. Per call of every
+    leaf module that holds parameters: a module whose class name contains "Conv" (transposed too)
+    counts its parameters (weight and bias) x batch x output positions (H_out * W_out); any other
+    (Linear, norms, PReLU) its parameters x batch (a Linear on (B, L, C) tokens counts B, not B * L).
+    Functional ops (matmuls of attention, F.conv2d) and parameter-free modules count 0.
     """
+    if convention == "torchinfo":
+        total = 0
+
+        def hook(module, args, output):
+            nonlocal total
+            params = sum(p.numel() for p in module.parameters(recurse=False))
+            if params == 0 or next(module.children(), None) is not None:
+                return
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            positions = math.prod(out.shape[2:]) if "Conv" in type(module).__name__ else 1
+            total += params * out.shape[0] * positions
+
+        handle = nn.modules.module.register_module_forward_hook(hook)
+        try:
+            model(*inputs, **kwargs)
+        finally:
+            handle.remove()
+        return total
+    if convention != "aten":
+        raise data.BadInput(f"count_macs: convention must be 'aten' or 'torchinfo', got {convention!r}")
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:

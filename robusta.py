@@ -6,17 +6,21 @@ losses), B.1 (Tables A2/A3), D (morphology), E.1.3 (spectral analysis), F.3 (Tab
 In reading order:
 
 1. Presets: `PRESETS` (Tables A2 and A3, one row per dataset).
-2. Networks: `SPADE` (Eq. A6), `SPADEResBlock`, `GCoarse` (Table A1, Fig. A1), `GFine`
-   (SRGAN-style refinement), `PatchDiscriminator`, `MultiscaleDiscriminator`, `vgg19_features`,
-   `VGGLoss` (Eq. A5).
-3. Losses: `gan_loss` (Eq. A1; Eq. A8 in "ls" mode; hinge), `feature_matching_loss` (Eq. A4),
-   `coarse_generator_loss` (Eq. A2, A3, A7), `fine_generator_loss` (Eq. A9), `discriminator_loss`.
+2. Networks: `SPADE` (Eq. A6), `SPADEResBlock`, `GCoarse` (Table A1, Fig. A1; 3 blocks from
+   Table A11), `GFine` (SRGAN on I_LR at 1/8 resolution, sized from Table A11),
+   `PatchDiscriminator`, `MultiscaleDiscriminator`, `vgg19_features`, `VGGLoss` (Eq. A5).
+3. Losses (pix2pixHD's bookkeeping): `gan_loss` (Eq. A1; Eq. A8 in "ls" mode; hinge; summed over
+   D's scales), `discriminator_loss`, `feature_matching_loss` (Eq. A4: intermediate layers,
+   1/num_D x 4/(n_layers+1)), `coarse_generator_loss` (Eq. A2, A3, A7), `fine_generator_loss` (Eq. A9).
 4. Label morphology (Appendix D): `structuring_element`, `erode` (Eq. A10), `dilate` (Eq. A11),
-   `opening`, `closing` on (N, C, H, W) tensors; `dilate_labels`, `erode_labels` on label-id maps
-   under the lexicographic order; `parse_edit`, `edit_labels` for "dilate:disk:5"-style edits.
-5. Training (Sec. A.2): `train` - stage 1 G_coarse + D with L_coarse, stage 2 G_fine + D_fine with
-   L_fine on G_coarse's frozen outputs.
-6. Generation: `load_generators`, `render`, `paste_outliers`, `generate` (Cityscapes layout + manifest).
+   `opening`, `closing` on (N, C, H, W) tensors; `LABEL_TABLES`, `PRIORITIES` (per dataset),
+   `dilate_labels`, `erode_labels` on label-id maps under the lexicographic order; `parse_edit`,
+   `edit_labels` for "dilate:disk:5"-style edits, `parse_priority` for --priority.
+5. Training (Sec. A.2): `gan_step` (D on real and generated pairs, then G), `optimizers`,
+   `restore`, `check_vgg`, `train` - stage 1 G_coarse + D with L_coarse, stage 2 G_fine + D_fine
+   with L_fine on I_LR, the frozen G_coarse's image downsampled (`low_resolution`).
+6. Generation: `load_generators`, `render`, `paste_outliers`, `output_split` (no validation maps
+   in a train split, Sec. F.4), `generate` (Cityscapes layout + manifest).
 7. Evaluation: `evaluate_generators` (FID, mIoU of a segmenter on generated images, spectral
    distance), `profile` (Table A11); the command line (`main`: run | train | generate | evaluate |
    profile | edit) and `run_pipeline`, the default.
@@ -26,11 +30,13 @@ In reading order:
 
 Run:
     python robusta.py                                     # demo: the whole pipeline on ToyCity (CPU, minutes)
-    python robusta.py --dataset cityscapes --data-root PATH --vgg vgg19-dcbb9e9d.pth --segmenter SEG.pt
-    python robusta.py train --dataset ade20k --data-root ADEChallengeData2016 --segformer b2 --no-spade-fine
-    python robusta.py edit --labels gtFine/val --edit dilate:disk:5:person,car --out edited/
-    python robusta.py generate --checkpoint runs/robusta/last.pt --labels PATH --edit dilate:disk:5 --out-root gen/
+    python robusta.py --dataset cityscapes --data-root PATH --vgg vgg19-dcbb9e9d.pth --segmenter drn-d-105.pth
+    python robusta.py train --dataset ade20k --data-root ADEChallengeData2016 --vgg vgg19-dcbb9e9d.pth --segformer b2
+    python robusta.py edit --labels gtFine/train/aachen --edit dilate:disk:5:person,car --out edited/train
+    python robusta.py generate --checkpoint runs/robusta/last.pt --dataset cityscapes --data-root PATH
+           --edit dilate:disk:5 --out-root gen/       # train label maps -> gen/leftImg8bit/train/...
     python robusta.py evaluate --checkpoint runs/robusta/last.pt --dataset cityscapes --data-root PATH
+           --segmenter drn-d-105.pth --inception pt_inception-2015-12-05-6726825d.pth  # val maps, DRN-D-105
     python robusta.py profile                             # parameters / mult-adds / memory beside Table A11
     python robusta.py experiment [--quick]                # Tables A5/A6/A10 + Fig. A2 on ToyCity, 3 seeds
     torchrun --nproc_per_node 4 robusta.py train ...      # DistributedDataParallel, same code
@@ -58,11 +64,12 @@ import segment
 # overrides its preset value. Sizes are (H, W): Table A2's "512 x 256" for Cityscapes is W x H.
 # "crop" None = no random crop. Epochs: 200 for G_coarse, 100 for G_fine in every column.
 # label_nc: one-hot channels (35 Cityscapes ids as in pix2pixHD; 151 ADE20K; 183 COCO-Stuff).
-# KAIST (infrared) is conditioned on Cityscapes-style label maps here (our choice). Widths (ngf 64
-# = Table A1), block counts (9 G_coarse blocks as pix2pixHD, 16 G_fine blocks as SRGAN) and
-# lambda_L1 = 10 of Eq. (A3) are not in the tables: our choices.
-_CITYSCAPES = dict(label_nc=35, segformer="b5", ngf=64, n_blocks=9, spade_hidden=128, ndf=64, fine_nf=64,
-                   fine_blocks=16, lambda_l1=10.0, minutes=None, fine_minutes=None, lr=2e-4, batch_size=8,
+# KAIST (infrared) is conditioned on Cityscapes-style label maps here (our choice). Network sizes
+# are read off Table A11 (see `GCoarse`, `GFine`): 3 SPADE ResNet blocks in G_coarse (G_coarse + D
+# then have Table A11's parameter count), G_fine at scale 8 (its body on I_LR at H/8), width 384,
+# 6 blocks. lambda_L1 = 10 of Eq. (A3) is not in the tables: our choice.
+_CITYSCAPES = dict(label_nc=35, segformer="b5", ngf=64, n_blocks=3, spade_hidden=128, ndf=64, fine_nf=384,
+                   fine_blocks=6, fine_scale=8, lambda_l1=10.0, minutes=None, fine_minutes=None, lr=2e-4, batch_size=8,
                    size=(256, 512), weight_decay=1e-5,
                    epochs=200, crop=None, lambda_vgg=5.0, lambda_fm=5.0,
                    fine_lr=2e-4, fine_batch_size=8, fine_size=(256, 512), fine_weight_decay=0.0, fine_epochs=100,
@@ -81,8 +88,8 @@ PRESETS = {
     # stage, a faster learning rate, and no L_VGG (no ImageNet VGG ships offline, and random VGG
     # features cost most of a CPU step; give --vgg PATH --lambda-vgg 5 --fine-lambda-vgg 10 to use it).
     "toycity": dict(_CITYSCAPES, segformer="b0", ngf=16, n_blocks=3, spade_hidden=32, ndf=16, fine_nf=16,
-                    fine_blocks=2, lr=5e-4, batch_size=4, size=(64, 128), weight_decay=0.0, epochs=100, minutes=6.0,
-                    lambda_vgg=0.0, fine_lr=5e-4, fine_batch_size=4, fine_size=(64, 128), fine_epochs=30,
+                    fine_blocks=2, fine_scale=2, lr=5e-4, batch_size=4, size=(64, 128), weight_decay=0.0,
+                    epochs=100, minutes=6.0, lambda_vgg=0.0, fine_lr=5e-4, fine_batch_size=4, fine_size=(64, 128), fine_epochs=30,
                     fine_minutes=2.0, fine_lambda_vgg=0.0),
 }
 # Table A11 (Cityscapes, one input): generators + discriminators, forward/backward memory.
@@ -159,16 +166,18 @@ class GCoarse(nn.Module):
     the convolutional down block (-> 2 ngf = 128 channels at H/2) and a SegFormer (segment.py)
     whose all-MLP decoder features (embed_dim, H/4) go through a dense layer (per-pixel Linear),
     a bilinear resize to the latent resolution H/2 and SegFormer's fuse-conv (1x1 conv-BN-ReLU) to
-    128 channels. Concatenated (256 channels), they pass n_blocks SPADE ResNet blocks (9 as in
-    pix2pixHD: our choice, the paper does not give the number), ConvTranspose s2 - SPADE - ReLU, and
-    Conv3 - tanh. SPADE reads the one-hot label map.
+    128 channels. Concatenated (256 channels), they pass n_blocks SPADE ResNet blocks,
+    ConvTranspose s2 - SPADE - ReLU, and Conv3 - tanh. SPADE reads the one-hot label map.
+    The paper does not give n_blocks; Table A11 implies it: with SegFormer-B5 and the 2-scale D at
+    Cityscapes' 256 x 512, 3 blocks give 99.1 M parameters (Table A11: 98.6 M), pix2pixHD's 9 give
+    113.8 M (each block adds 2 x (590 k conv + 630 k SPADE) = 2.4 M).
 
     Ablation switches (Table A6, A7): `segformer` None replaces the SegFormer branch by a second
     convolutional down block as in pix2pixHD (our reading of "SegFormer off"); `spade` False puts
     BatchNorm in place of every SPADE ("SPADE 1"); `segformer` "b0".."b5" picks its size.
     """
 
-    def __init__(self, label_nc=35, ngf=64, n_blocks=9, segformer="b5", spade=True, spade_hidden=128):
+    def __init__(self, label_nc=35, ngf=64, n_blocks=3, segformer="b5", spade=True, spade_hidden=128):
         super().__init__()
         latent = 4 * ngf
         self.down = down_block(label_nc, ngf)  # (N, 2 ngf, H/2, W/2)
@@ -217,19 +226,30 @@ class SRBlock(nn.Module):
 
 
 class GFine(nn.Module):
-    """The second generator: SRGAN-style residual refinement of G_coarse's image (Sec. A.2).
+    """The second generator: SRGAN on I_LR (Sec. A.2), conditioned on the label map by SPADE.
 
-    Conv9 - PReLU, n_blocks residual blocks, Conv3 - norm plus a long skip, one
-    (Conv3 -> 4 nf, PixelShuffle 2, PReLU) per factor 2 of `scale`, Conv9 -> 3. The output is the
-    (bicubically upsampled) input image plus this residual, clamped to [-1, 1] (our choice:
-    a refinement starts from the coarse image). `spade` ("SPADE 2", Table A6) puts SPADE on the
-    label map in place of SRGAN's BatchNorm. Block count 16 and width 64 are SRGAN's (our choice).
+    Input: I_LR, G_coarse's image downsampled by `scale` (N, 3, H/s, W/s), and the label map
+    (N, label_nc, H, W). Conv9 - PReLU, n_blocks residual blocks, Conv3 - norm plus a long skip,
+    all at H/s; then one (Conv3 -> 4 nf, PixelShuffle 2, PReLU) per factor 2 of `scale`, and
+    Conv9 -> 3 at (H, W). The output is the bicubically upsampled I_LR plus this residual, clamped
+    to [-1, 1] (our choice: G_fine learns what the reduction lost). `spade` ("SPADE 2", Table A6)
+    puts SPADE on the label map in place of SRGAN's BatchNorm.
+
+    Size (Table A11, G_fine + D_fine: 50.5 M parameters, 297.3 GMACs on one 256 x 512 input under
+    torchinfo's count): the paper gives no architecture, so scale / width / depth are read off
+    these two figures. At full resolution (scale 1) any width that reaches 50 M parameters costs
+    ~ 50 M x 131 k positions = 6.6 TMACs, 20 times too many; the figures are reachable only if the
+    body runs at reduced resolution, as SRGAN's does on I_LR. With scale 8 (the body at 32 x 64),
+    width 384 and 6 blocks, the three upsampling convs carry most mult-adds (at 32 x 64, 64 x 128,
+    128 x 256) and the body + SPADE most parameters: `python robusta.py profile` prints the
+    figures beside Table A11 (both within 10%). SRGAN's own 16 blocks of width 64 at scale 4 have
+    1.5 M parameters.
     """
 
     def __init__(self, label_nc=35, nf=64, n_blocks=16, scale=1, spade=True, spade_hidden=128):
         super().__init__()
-        if scale not in (1, 2, 4):
-            raise ValueError(f"GFine scale must be 1, 2 or 4, got {scale}")
+        if scale not in (1, 2, 4, 8):
+            raise ValueError(f"GFine scale must be 1, 2, 4 or 8, got {scale}")
         self.scale = scale
         self.head = nn.Sequential(nn.Conv2d(3, nf, 9, padding=4), nn.PReLU())
         self.blocks = nn.ModuleList([SRBlock(nf, label_nc, spade, spade_hidden) for _ in range(n_blocks)])
@@ -238,14 +258,14 @@ class GFine(nn.Module):
                                         for m in (conv3x3(nf, 4 * nf), nn.PixelShuffle(2), nn.PReLU())])
         self.tail = nn.Conv2d(nf, 3, 9, padding=4)
 
-    def forward(self, image, label):  # image (N, 3, H, W) in [-1, 1], label (N, label_nc, H', W')
-        x = self.head(image)
+    def forward(self, image, label):  # image: I_LR (N, 3, H/s, W/s) in [-1, 1]; label (N, label_nc, H, W)
+        x = self.head(image)  # (N, nf, H/s, W/s)
         y = x
         for block in self.blocks:
             y = block(y, label)
         y = self.body_conv(y)
         y = x + normalize(self.body_norm, y, label)
-        residual = self.tail(self.upsample(y))
+        residual = self.tail(self.upsample(y))  # (N, 3, H, W)
         if self.scale > 1:
             image = F.interpolate(image, scale_factor=self.scale, mode="bicubic", align_corners=False)
         return (image + residual).clamp(-1, 1)
@@ -329,7 +349,7 @@ class VGGLoss(nn.Module):
         if weights:
             path = Path(weights)
             if not path.is_file():
-                raise FileNotFoundError(f"--vgg {path}: no file there; torchvision's VGG19 ImageNet checkpoint "
+                raise data.MissingFile(f"--vgg {path}: no file there; torchvision's VGG19 ImageNet checkpoint "
                                         f"is published at {VGG19_URL}")
             state = torch.load(path, map_location="cpu", weights_only=True)
             state = {k[len("features."):]: v for k, v in state.items()
@@ -365,11 +385,12 @@ class VGGLoss(nn.Module):
 
 
 def gan_loss(outputs, real, mode="ls", for_discriminator=True):
-    """Adversarial loss over every scale of a MultiscaleDiscriminator (mean over scales).
+    """Adversarial loss of a MultiscaleDiscriminator, summed over its scales (pix2pixHD's GANLoss).
 
-    mode "original": Eq. (A1) as binary cross-entropy (the generator uses the non-saturating
-    -log D(G)); "ls": least squares, Eq. (A8) (pix2pixHD's default, and SRGAN's choice for G_fine);
-    "hinge": SPADE's hinge loss.
+    Each scale's patch logits D(.) are compared with the target of `real` (1 or 0), mean over patches:
+    mode "original": Eq. (A1) as binary cross-entropy, -log D(x) / -log(1 - D(G(y))) (the
+    generator uses the non-saturating -log D(G(y))); "ls": least squares, Eq. (A8), (1 - D)^2 / D^2
+    (pix2pixHD's default, and SRGAN's choice for G_fine); "hinge": SPADE's hinge loss.
     """
     loss = 0.0
     for feats in outputs:
@@ -384,22 +405,27 @@ def gan_loss(outputs, real, mode="ls", for_discriminator=True):
             loss = loss + F.relu(1 - logits if real else 1 + logits).mean()
         else:
             raise ValueError(f"unknown GAN mode {mode!r}: original, ls or hinge")
-    return loss / len(outputs)
+    return loss
 
 
 def discriminator_loss(d_real, d_fake, mode):
-    """The discriminator's side of Eq. (A1) / (A8): real pairs -> 1, generated pairs -> 0 (halved)."""
+    """The discriminator's side of Eq. (A1) / (A8): real pairs -> 1, generated pairs -> 0, halved
+    (pix2pixHD). Both halves must carry D's graph: the real term is what teaches D what real is."""
     return 0.5 * (gan_loss(d_real, True, mode) + gan_loss(d_fake, False, mode))
 
 
-def feature_matching_loss(d_fake, d_real):
-    """Eq. (A4): sum over layers i of (1 / N_i) ||D_k^(i)(x) - D_k^(i)(G(y))||_1, every layer of
-    every scale k (mean over scales, as pix2pixHD's 1 / num_D); real features are targets."""
+def feature_matching_loss(d_fake, d_real, n_layers=3):
+    """Eq. (A4) with pix2pixHD's bookkeeping: for every scale k and every intermediate layer i of D_k
+    (not the final patch logits), (1 / N_i) ||D_k^(i)(x) - D_k^(i)(G(y))||_1 (a mean), each term
+    weighted 1 / num_D x 4 / (n_layers + 1); the real features are targets (no gradient).
+    With n_layers 3 (4 intermediate layers) the total is the mean over scales of the per-layer sum,
+    so lambda_FM of Tables A2/A3 multiplies exactly what it multiplied in pix2pixHD."""
+    weight = 1.0 / len(d_fake) * 4.0 / (n_layers + 1)
     loss = 0.0
     for fake_feats, real_feats in zip(d_fake, d_real):
-        for f, r in zip(fake_feats, real_feats):
-            loss = loss + F.l1_loss(f.float(), r.detach().float())  # Eq. (A4)
-    return loss / len(d_fake)
+        for f, r in zip(fake_feats[:-1], real_feats[:-1]):
+            loss = loss + weight * F.l1_loss(f.float(), r.detach().float())  # Eq. (A4)
+    return loss
 
 
 def coarse_generator_loss(d_fake, d_real, fake, real, vgg, args):
@@ -436,7 +462,7 @@ def structuring_element(shape, size=None):
     if not isinstance(shape, str):
         se = torch.as_tensor(shape).bool()
         if se.dim() != 2 or not se.any():
-            raise ValueError(f"a structuring element must be a non-empty 2-D boolean kernel, got {tuple(se.shape)}")
+            raise data.BadInput(f"a structuring element must be a non-empty 2-D boolean kernel, got {tuple(se.shape)}")
         return se
     if shape == "square":
         return torch.ones(size, size, dtype=torch.bool)
@@ -451,7 +477,7 @@ def structuring_element(shape, size=None):
     if shape == "disk":
         d = torch.arange(-size, size + 1)
         return d[:, None] ** 2 + d[None, :] ** 2 <= size ** 2
-    raise ValueError(f"unknown structuring element {shape!r}: square, rectangle, cross, disk or a boolean kernel")
+    raise data.BadInput(f"unknown structuring element {shape!r}: square, rectangle, cross, disk or a boolean kernel")
 
 
 def _window(x, length, dim, op, powers):
@@ -583,38 +609,107 @@ def closing(x, se):
     return erode(dilate(x, se), se)
 
 
+# Class names per label id of each dataset, for the lexicographic order and for edits restricted to
+# classes: Cityscapes (data.LABELS, ids 0..33 and -1), ADE20K (SceneParsing's objectInfo150, ids
+# 1..150, 0 = "other") and COCO-Stuff (the stuffthingmaps values: 0..90 things incl. the 11 unused
+# ids, 91..181 stuff, 182 = unlabeled as data.CocoStuff encodes it).
+ADE20K_NAMES = ("other", "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass",
+                "cabinet", "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair",
+                "car", "water", "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair",
+                "seat", "fence", "desk", "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box",
+                "column", "signboard", "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace",
+                "refrigerator", "grandstand", "path", "stairs", "runway", "case", "pool table", "pillow",
+                "screen door", "stairway", "river", "bridge", "bookcase", "blind", "coffee table", "toilet", "flower",
+                "book", "hill", "bench", "countertop", "stove", "palm", "kitchen island", "computer", "swivel chair",
+                "boat", "bar", "arcade machine", "hovel", "bus", "towel", "light", "truck", "tower", "chandelier",
+                "awning", "streetlight", "booth", "television receiver", "airplane", "dirt track", "apparel", "pole",
+                "land", "bannister", "escalator", "ottoman", "bottle", "buffet", "poster", "stage", "van", "ship",
+                "fountain", "conveyer belt", "canopy", "washer", "plaything", "swimming pool", "stool", "barrel",
+                "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven", "ball", "food", "step", "tank",
+                "trade name", "microwave", "pot", "animal", "bicycle", "lake", "dishwasher", "screen", "blanket",
+                "sculpture", "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier", "crt screen",
+                "plate", "monitor", "bulletin board", "shower", "radiator", "glass", "clock", "flag")
+COCO_STUFF_NAMES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "street sign", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "hat", "backpack", "umbrella", "shoe", "eye glasses", "handbag", "tie",
+    "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard",
+    "surfboard", "tennis racket", "bottle", "plate", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana",
+    "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "mirror", "dining table", "window", "desk", "toilet", "door", "tv", "laptop", "mouse",
+    "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "blender", "book",
+    "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush", "hair brush",  # things: ids 0..90
+    "banner", "blanket", "branch", "bridge", "building-other", "bush", "cabinet", "cage", "cardboard", "carpet",
+    "ceiling-other", "ceiling-tile", "cloth", "clothes", "clouds", "counter", "cupboard", "curtain", "desk-stuff",
+    "dirt", "door-stuff", "fence", "floor-marble", "floor-other", "floor-stone", "floor-tile", "floor-wood", "flower",
+    "fog", "food-other", "fruit", "furniture-other", "grass", "gravel", "ground-other", "hill", "house", "leaves",
+    "light", "mat", "metal", "mirror-stuff", "moss", "mountain", "mud", "napkin", "net", "paper", "pavement", "pillow",
+    "plant-other", "plastic", "platform", "playingfield", "railing", "railroad", "river", "road", "rock", "roof", "rug",
+    "salad", "sand", "sea", "shelf", "sky-other", "skyscraper", "snow", "solid-other", "stairs", "stone", "straw",
+    "structural-other", "table", "tent", "textile-other", "towel", "tree", "vegetable", "wall-brick", "wall-concrete",
+    "wall-other", "wall-panel", "wall-stone", "wall-tile", "wall-wood", "water-other", "waterdrops", "window-blind",
+    "window-other", "wood",  # stuff: ids 91..181
+    "unlabeled")
+COCO_STUFF_THINGS = 91  # ids 0..90
+LABEL_TABLES = {"cityscapes": {label.name: label.id for label in data.LABELS},
+                "ade20k": {name: i for i, name in enumerate(ADE20K_NAMES)},
+                "coco-stuff": {name: i for i, name in enumerate(COCO_STUFF_NAMES)}}
+TABLE_OF = {"cityscapes": "cityscapes", "toycity": "cityscapes", "kaist": "cityscapes", "ade20k": "ade20k",
+            "ade20k-outdoors": "ade20k", "coco-stuff": "coco-stuff"}  # preset -> its label table
+
 # The lexicographic order of Appendix D: stuff (every class not listed) is the smallest element;
-# listed classes rank from the highest (first) to the lowest (last). The paper's Cityscapes order
-# is traffic sign > traffic light > person > car > cycle > truck > train; we add rider beside
-# person and bus, caravan, trailer beside truck (our choice). Classes of one entry share a rank
-# and are ordered among themselves by label id (our choice: a total order is needed).
+# listed classes rank from the highest (first) to the lowest (last); classes of one entry share a
+# rank and are ordered among themselves by label id (our choice: a total order is needed).
+# Cityscapes, the paper's order: traffic sign > traffic light > person > car > cycle > truck > train;
+# we add rider beside person and bus, caravan, trailer beside truck (our choice).
 PRIORITY = (("traffic sign",), ("traffic light",), ("person", "rider"), ("car",),
             ("bicycle", "motorcycle"), ("truck", "bus", "caravan", "trailer"), ("train",))
+# ADE20K and COCO-Stuff (our choice; the paper gives Cityscapes' order only): the same order with
+# each dataset's names (small objects first); for COCO-Stuff every other thing class then shares
+# the lowest object rank, so that things rank above stuff. Any order: --priority.
+PRIORITIES = {
+    "cityscapes": PRIORITY,
+    "ade20k": (("signboard",), ("traffic light",), ("person",), ("car", "van"), ("bicycle", "minibike"),
+               ("truck", "bus")),
+    "coco-stuff": (("stop sign", "street sign"), ("traffic light",), ("person",), ("car",), ("bicycle", "motorcycle"),
+                   ("truck", "bus"), ("train",),
+                   tuple(n for n in COCO_STUFF_NAMES[:COCO_STUFF_THINGS] if n not in (
+                       "stop sign", "street sign", "traffic light", "person", "car", "bicycle", "motorcycle", "truck",
+                       "bus", "train")))}
 
 
-def _label_id(name_or_id):
-    if isinstance(name_or_id, int):
-        return name_or_id
-    for label in data.LABELS:
-        if label.name == name_or_id:
-            return label.id
-    raise ValueError(f"unknown Cityscapes label {name_or_id!r}; names are those of data.LABELS")
+def parse_priority(text):
+    """'traffic sign,person+rider,car' -> (("traffic sign",), ("person", "rider"), ("car",)):
+    highest rank first, '+' joins the classes of one rank; names of the dataset's table, or ids."""
+    return tuple(tuple(c.strip() for c in entry.split("+")) for entry in text.split(",") if entry.strip())
 
 
-def lexicographic_codes(priority=None, device="cpu"):
+def _label_id(name_or_id, dataset="cityscapes"):
+    """A class name of `dataset`'s label table (or an id, int or digits) -> its label id."""
+    if isinstance(name_or_id, int) or str(name_or_id).isdigit():
+        return int(name_or_id)
+    table = LABEL_TABLES[TABLE_OF.get(dataset, dataset)]
+    if name_or_id not in table:
+        raise data.BadInput(f"unknown {TABLE_OF.get(dataset, dataset)} label {name_or_id!r}; names are those of "
+                            f"robusta.LABEL_TABLES[{TABLE_OF.get(dataset, dataset)!r}] (or give label ids)")
+    return table[name_or_id]
+
+
+def lexicographic_codes(priority=None, device="cpu", dataset="cityscapes"):
     """The order of Appendix D as a table: (code (256,) uint8 from label id, ids (K+1,) int64 from code).
 
     Code 0 = every stuff id; the K ranked ids get codes 1..K, increasing with rank, so that
     max/min of codes realise sup/inf of the lexicographic order. `priority`: highest first, a list
-    of class names or ids or tuples of them (one rank); default `PRIORITY`.
+    of class names (of `dataset`'s label table) or ids or tuples of them (one rank); default the
+    dataset's `PRIORITIES` entry.
     """
-    entries = PRIORITY if priority is None else priority
+    entries = PRIORITIES[TABLE_OF.get(dataset, dataset)] if priority is None else priority
     ranked = []
     for entry in reversed(list(entries)):  # lowest rank first
         group = entry if isinstance(entry, (tuple, list)) else (entry,)
-        ranked += sorted(_label_id(c) for c in group)
+        ranked += sorted(_label_id(c, dataset) for c in group)
     if len(set(ranked)) != len(ranked) or len(ranked) > 254:
-        raise ValueError(f"priority lists a class twice or more than 254 classes: {entries}")
+        raise data.BadInput(f"priority lists a class twice or more than 254 classes: {entries}")
     code = torch.zeros(256, dtype=torch.uint8, device=device)
     ranks = torch.arange(1, len(ranked) + 1, device=device).to(torch.uint8)
     code[torch.tensor(ranked, dtype=torch.long, device=device)] = ranks
@@ -622,21 +717,21 @@ def lexicographic_codes(priority=None, device="cpu"):
     return code, ids
 
 
-def _chosen(labels, classes):
+def _chosen(labels, classes, dataset):
     """Boolean mask of the pixels whose class is among `classes` (names or ids)."""
-    return torch.isin(labels, torch.tensor([_label_id(c) for c in classes], device=labels.device))
+    return torch.isin(labels, torch.tensor([_label_id(c, dataset) for c in classes], device=labels.device))
 
 
-def dilate_labels(labels, se, priority=None, classes=None):
+def dilate_labels(labels, se, priority=None, classes=None, dataset="cityscapes"):
     """Dilation of a label-id map (N, H, W) under the lexicographic order (Appendix D, Eq. A11).
 
     Each pixel takes the highest-ranked class in its window (-B, Eq. A11); stuff never grows, so
     a stuff pixel changes only where an object grows over it. With `classes`, only those classes
     grow (over stuff and lower-ranked objects).
     """
-    code, ids = lexicographic_codes(priority, labels.device)
+    code, ids = lexicographic_codes(priority, labels.device, dataset)
     codes = code.take(labels)  # (N, H, W) uint8
-    growing = codes if classes is None else torch.where(_chosen(labels, classes), codes, 0)
+    growing = codes if classes is None else torch.where(_chosen(labels, classes, dataset), codes, 0)
     grown = dilate(growing[:, None], se)[:, 0]  # Eq. (A11) on the codes
     changed = grown > codes
     out = labels.clone()
@@ -644,7 +739,7 @@ def dilate_labels(labels, se, priority=None, classes=None):
     return out
 
 
-def erode_labels(labels, se, priority=None, classes=None):
+def erode_labels(labels, se, priority=None, classes=None, dataset="cityscapes"):
     """Erosion of a label-id map (N, H, W) under the lexicographic order (Appendix D, Eq. A10).
 
     An object pixel whose window (B) holds a lower-ranked pixel is freed and takes the infimum of
@@ -652,12 +747,12 @@ def erode_labels(labels, se, priority=None, classes=None):
     label in the window (our choice; ties go to the smaller id). With `classes`, only those classes
     shrink. The image border does not erode (outside = +inf).
     """
-    code, ids = lexicographic_codes(priority, labels.device)
+    code, ids = lexicographic_codes(priority, labels.device, dataset)
     codes = code.take(labels)  # (N, H, W) uint8
     shrunk = erode(codes[:, None], se)[:, 0]  # Eq. (A10) on the codes
     freed = shrunk < codes
     if classes is not None:
-        freed &= _chosen(labels, classes)
+        freed &= _chosen(labels, classes, dataset)
     out = labels.clone()
     out[freed] = ids[shrunk[freed].long()]
     to_stuff = freed & (shrunk == 0)
@@ -698,20 +793,22 @@ def parse_edit(text):
     """
     parts = text.split(":")
     if len(parts) not in (3, 4) or parts[0] not in ("dilate", "erode", "open", "close"):
-        raise ValueError(f"bad edit {text!r}: expected OP:SHAPE:SIZE[:CLASS,CLASS], OP in dilate, erode, open, close")
+        raise data.BadInput(f"bad edit {text!r}: expected OP:SHAPE:SIZE[:CLASS,CLASS], "
+                            "OP in dilate, erode, open, close")
     size = tuple(int(s) for s in parts[2].split("x")) if "x" in parts[2] else int(parts[2])
     classes = parts[3].split(",") if len(parts) == 4 else None
     return {"op": parts[0], "shape": parts[1], "size": size, "classes": classes}
 
 
-def edit_labels(labels, edit, priority=None):
-    """Apply one parsed (or textual) morphological edit to a label-id map (N, H, W)."""
+def edit_labels(labels, edit, priority=None, dataset="cityscapes"):
+    """Apply one parsed (or textual) morphological edit to a label-id map (N, H, W) of `dataset`
+    (its label table names the classes; its `PRIORITIES` entry is the default order)."""
     edit = parse_edit(edit) if isinstance(edit, str) else edit
     se = structuring_element(edit["shape"], edit["size"])
     steps = {"dilate": [dilate_labels], "erode": [erode_labels], "open": [erode_labels, dilate_labels],
              "close": [dilate_labels, erode_labels]}[edit["op"]]
     for step in steps:
-        labels = step(labels, se, priority, edit["classes"])
+        labels = step(labels, se, priority, edit["classes"], dataset)
     return labels
 
 
@@ -737,19 +834,20 @@ def build_networks(args):
     return g_coarse, d, g_fine, MultiscaleDiscriminator(args.label_nc, args.ndf, num_d=args.num_d)
 
 
-def image_dataset(args, split, size, crop=None):
-    """The paired (image, label ids) dataset of args.dataset at `size`, randomly cropped to `crop`."""
+def image_dataset(args, split, size, crop=None, augment=None):
+    """The paired (image, label ids) dataset of args.dataset at `size`; with `augment` (default: for
+    the train split) randomly cropped to `crop` and flipped."""
     if args.dataset == "kaist":
-        raise ValueError("KAIST has no reader in data.py: the kaist preset serves `profile` only")
+        raise data.BadInput("KAIST has no reader in data.py: the kaist preset serves `profile` only")
     cls = getattr(data, DATASETS[args.dataset])
     if args.dataset == "toycity":
         root = Path(args.data_root) if args.data_root else data.toycity() / "source"
     elif args.data_root is None:
-        raise ValueError(f"--data-root is required for --dataset {args.dataset}")
+        raise data.BadInput(f"--data-root is required for --dataset {args.dataset}")
     else:
         root = Path(args.data_root)
     transform = None
-    if split == "train":
+    if split == "train" if augment is None else augment:
         transform = data.Compose(([data.RandomScaleCrop(tuple(crop), scale=(1.0, 1.0))] if crop else [])
                                  + [data.RandomFlip()])
     return cls(root, split, size=tuple(size), transform=transform)
@@ -765,23 +863,39 @@ def adam(model, lr, weight_decay, args):
     return torch.optim.Adam(model.parameters(), lr=lr, betas=(args.beta1, 0.999), weight_decay=weight_decay)
 
 
-def gan_step(run, g, d, opt_g, opt_d, label, inputs, real, generator_loss, mode, vgg, args):
-    """One alternating update: D on real/fake pairs (Eq. A1 or A8), then G on its loss (Eq. A7 or A9).
+def optimizers(nets, args):
+    """One Adam per network (Tables A2/A3: lr, weight decay per stage): opt_g / opt_d over G_coarse /
+    D, opt_gf / opt_df over G_fine / D_fine."""
+    opts = {"opt_g": adam(nets["g_coarse"], args.lr, args.weight_decay, args),
+            "opt_d": adam(nets["d"], args.lr, args.weight_decay, args)}
+    if nets["g_fine"] is not None:
+        opts.update(opt_gf=adam(nets["g_fine"], args.fine_lr, args.fine_weight_decay, args),
+                    opt_df=adam(nets["d_fine"], args.fine_lr, args.fine_weight_decay, args))
+    return opts
 
-    D sees real and generated pairs in one batch; its real-pair features, computed before its
-    update, are the feature-matching targets of the generator step (as in pix2pixHD).
+
+def gan_step(run, g, d, opt_g, opt_d, label, inputs, real, generator_loss, mode, vgg, args):
+    """One alternating update: D on real and generated pairs (Eq. A1 or A8), then G on its loss
+    (Eq. A7 or A9).
+
+    D step: one pass over [generated (detached), real] pairs; both halves keep D's graph, so the
+    real term (target 1) and the generated term (target 0) both train D. G step: the updated D
+    scores the generated pairs (with G's graph) and, without gradient, the real pairs, whose
+    intermediate features are the feature-matching targets of Eq. (A4): both from the same D.
     """
     n = real.shape[0]
     with run.autocast():
         fake = g(*inputs)
         outputs = d(torch.cat([label, label]), torch.cat([fake.detach(), real]))
         d_fake = [[f[:n] for f in feats] for feats in outputs]
-        d_real = [[f[n:].detach() for f in feats] for feats in outputs]
-        loss_d = discriminator_loss(d_real, d_fake, mode)
+        d_real = [[f[n:] for f in feats] for feats in outputs]
+        loss_d = discriminator_loss(d_real, d_fake, mode)  # Eq. (A1) / (A8), D's side
     opt_d.zero_grad(set_to_none=True)
     run.scaler.scale(loss_d).backward()
     run.scaler.step(opt_d)
     with run.autocast():
+        with torch.no_grad():
+            d_real = d(label, real)  # targets of Eq. (A4), from the updated D
         loss_g, parts = generator_loss(d(label, fake), d_real, fake.float(), real, vgg, args)
     opt_g.zero_grad(set_to_none=True)
     run.scaler.scale(loss_g).backward()
@@ -806,7 +920,7 @@ def sample_rows(g_coarse, g_fine, samples, args, device):
     rows = []
     for sample in samples:
         ids = sample["label_ids"][None].to(device)
-        coarse, fine = render(g_coarse, g_fine, ids, args.label_nc, 1 if args.no_fine else args.fine_scale)
+        coarse, fine = render(g_coarse, g_fine, ids, args.label_nc)
         colour = data.colorize(ids[0], kind="id").permute(2, 0, 1).float() / 255 if args.label_nc == data.NUM_IDS \
             else (ids[0] / max(1, args.label_nc - 1)).expand(3, -1, -1)
         rows.append([colour, sample["image"]] + [x[0] for x in (coarse, fine) if x is not None])
@@ -827,28 +941,49 @@ def write_pictures(run, g_coarse, g_fine, samples, args, tag):
     return path
 
 
+def restore(state, nets, opts, move):
+    """Load a checkpoint's networks (state None: fresh start), `move` them (run.wrap: to the run's
+    device, DDP), and only then load the optimizers' state: torch casts it to the device of the
+    parameters it finds, so loading it before the move would leave Adam's moments on the CPU.
+    Returns the moved networks."""
+    for k, m in nets.items():
+        if m is not None and state is not None and k in state:
+            m.load_state_dict(state[k])
+    nets = {k: move(m) if m is not None else None for k, m in nets.items()}
+    for k, opt in opts.items():
+        if opt is not None and state is not None and k in state:
+            opt.load_state_dict(state[k])
+    return nets
+
+
+def check_vgg(args):
+    """Every paper preset trains with L_VGG (Eq. A5) on ImageNet VGG19 features: without --vgg it
+    stops (one line) unless L_VGG is switched off. Only the toycity demo falls back to random VGG
+    features (and says so)."""
+    uses_vgg = args.lambda_vgg > 0 or (not args.no_fine and args.fine_lambda_vgg > 0)
+    preset = args.preset or args.dataset
+    if uses_vgg and not args.vgg and preset != "toycity":
+        raise data.MissingFile(f"--dataset {preset} trains with L_VGG (Eq. A5): give --vgg vgg19-dcbb9e9d.pth, "
+                               f"torchvision's VGG19 ImageNet weights published at {VGG19_URL} "
+                               f"(or --lambda-vgg 0 --fine-lambda-vgg 0 to train without L_VGG)")
+
+
 def train(args):
     """Two-stage training (Sec. A.2); returns the path of the final checkpoint (<run>/last.pt)."""
+    check_vgg(args)
     run = segment.Run(args)
     g_coarse, d, g_fine, d_fine = build_networks(args)
     needs_vgg = args.lambda_vgg > 0 or (g_fine is not None and args.fine_lambda_vgg > 0)
     vgg = VGGLoss(args.vgg).to(run.device) if needs_vgg else None
-    opts = {"opt_g": adam(g_coarse, args.lr, args.weight_decay, args),
-            "opt_d": adam(d, args.lr, args.weight_decay, args)}
-    if g_fine is not None:
-        opts.update(opt_gf=adam(g_fine, args.fine_lr, args.fine_weight_decay, args),
-                    opt_df=adam(d_fine, args.fine_lr, args.fine_weight_decay, args))
     nets = {"g_coarse": g_coarse, "d": d, "g_fine": g_fine, "d_fine": d_fine}
+    opts = optimizers(nets, args)
     stage, step, total, offset = "coarse", 0, None, 0
     state = run.resume()
+    nets = restore(state, nets, opts, run.wrap)
     if state is not None:
-        for k, m in {**nets, **opts}.items():
-            if m is not None and k in state:
-                m.load_state_dict(state[k])
         run.scaler.load_state_dict(state["scaler"])
         run.set_rng_state(state["rng"])
         stage, step, total, offset = state["stage"], state["stage_step"], state["total"], state["offset"]
-    nets = {k: run.wrap(m) if m is not None else None for k, m in nets.items()}
     val = image_dataset(args, "val", args.fine_size if g_fine is not None else args.size)
     samples = [val[i] for i in range(min(args.samples, len(val)))]  # fixed pictures for every epoch's grid
 
@@ -884,10 +1019,9 @@ def train(args):
             if name == "coarse":
                 _, scalars = gan_step(run, g, dd, opt_g, opt_d, label, (label,), real, coarse_generator_loss,
                                       args.gan_mode, vgg, args)
-            else:  # stage 2: G_fine refines the frozen G_coarse's rendering (at 1 / scale resolution)
+            else:  # stage 2: G_fine super-resolves the frozen G_coarse's rendering, downsampled (I_LR)
                 with torch.no_grad(), run.autocast():
-                    small = F.interpolate(label, scale_factor=1 / args.fine_scale, mode="nearest")
-                    coarse = nets["g_coarse"](small).float()
+                    coarse = low_resolution(nets["g_coarse"](label).float(), args.fine_scale)  # I_LR
                 _, scalars = gan_step(run, g, dd, opt_g, opt_d, label, (coarse, label), real, fine_generator_loss,
                                       "ls", vgg, args)
             run.check_finite(scalars["loss_g"] + scalars["loss_d"], step)
@@ -922,7 +1056,7 @@ def load_generators(checkpoint, device="cpu"):
     """(G_coarse, G_fine or None, options Namespace) from a checkpoint of `train`, in eval mode."""
     path = Path(checkpoint)
     if not path.is_file():
-        raise FileNotFoundError(f"generator checkpoint not found at {path} (runs/<name>/last.pt written by "
+        raise data.MissingFile(f"generator checkpoint not found at {path} (runs/<name>/last.pt written by "
                                 f"`python robusta.py train`)")
     state = torch.load(path, map_location="cpu", weights_only=True)
     args = argparse.Namespace(**state["args"])
@@ -936,13 +1070,20 @@ def load_generators(checkpoint, device="cpu"):
     return g_coarse.to(device).eval(), g_fine.to(device).eval() if g_fine is not None else None, args
 
 
+def low_resolution(image, scale):
+    """I_LR of Sec. A.2 / Eq. (A8): an image (N, 3, H, W) area-downsampled by `scale` (our choice:
+    G_coarse renders at the resolution it was trained at, and its image is then reduced, as SRGAN
+    reduces I_HR; G_fine brings it back to (H, W))."""
+    return image if scale == 1 else F.avg_pool2d(image, scale)
+
+
 @torch.no_grad()
-def render(g_coarse, g_fine, label_ids, label_nc, scale=1):
-    """Label ids (N, H, W) -> (G_coarse image at (H, W) / scale, G_fine image at (H, W) or None), in [0, 1]."""
+def render(g_coarse, g_fine, label_ids, label_nc):
+    """Label ids (N, H, W) -> (G_coarse image, G_fine image or None), each (N, 3, H, W) in [0, 1].
+    G_fine reads I_LR, G_coarse's image downsampled by its scale, and the full-resolution label map."""
     label = data.one_hot(label_ids, label_nc)  # (N, label_nc, H, W)
-    small = label if scale == 1 else F.interpolate(label, scale_factor=1 / scale, mode="nearest")
-    coarse = g_coarse(small).float()
-    fine = g_fine(coarse, label).float() * 0.5 + 0.5 if g_fine is not None else None
+    coarse = g_coarse(label).float()
+    fine = g_fine(low_resolution(coarse, g_fine.scale), label).float() * 0.5 + 0.5 if g_fine is not None else None
     return coarse * 0.5 + 0.5, fine
 
 
@@ -972,16 +1113,16 @@ def sha256(path):
     return digest.hexdigest()
 
 
-def _generate_batch(pending, g_coarse, g_fine, label_nc, scale, edits, outliers, corruption, severity, seed,
-                    priority, images_dir, labels_dir, device):
+def _generate_batch(pending, g_coarse, g_fine, label_nc, edits, outliers, corruption, severity, seed,
+                    priority, dataset, images_dir, labels_dir, device):
     """Edit, paste outliers, render, corrupt and write one batch of (index, sample) pairs."""
     ids = torch.stack([s["label_ids"] for _, s in pending]).to(device)  # (B, H, W)
     for edit in edits:
-        ids = edit_labels(ids, edit, priority)
+        ids = edit_labels(ids, edit, priority, dataset)
     if outliers:
         ids = torch.stack([paste_outliers(m, outliers, torch.Generator().manual_seed(seed + i))
                            for m, (i, _) in zip(ids, pending)])
-    coarse, fine = render(g_coarse, g_fine, ids, label_nc, scale)
+    coarse, fine = render(g_coarse, g_fine, ids, label_nc)
     for (i, sample), label_ids, image in zip(pending, ids.cpu(), (fine if fine is not None else coarse).cpu()):
         if corruption:
             image = data.corrupt(image, corruption, severity, seed=seed + i)
@@ -995,30 +1136,55 @@ def _generate_batch(pending, g_coarse, g_fine, label_nc, scale, edits, outliers,
         os.replace(tmp, images_dir / f"{stem}_leftImg8bit.png")  # last and atomic: marks the image done
 
 
+VAL_SPLITS = {"val": "val", "validation": "val", "val2017": "val", "test": "test", "testing": "test"}
+SPLIT_NAMES = {**VAL_SPLITS, "train": "train", "training": "train", "train2017": "train"}
+
+
+def split_of(path):
+    """The split a folder of label maps comes from, read off its path (gtFine/val/... -> "val");
+    "train" when no part of the path names one."""
+    return next((SPLIT_NAMES[p] for p in reversed(Path(path).parts) if p in SPLIT_NAMES), "train")
+
+
+def output_split(source_split, split=None, allow_val_in_train=False):
+    """The split a generated set is written to: by default the split its label maps come from.
+    Images rendered from validation (or test) label maps written into a train split would let a
+    segmenter train on the evaluation set's layouts (Sec. F.4): refused unless asked explicitly."""
+    split = split or SPLIT_NAMES.get(source_split, source_split)
+    if source_split in VAL_SPLITS and split == "train" and not allow_val_in_train:
+        raise data.BadInput(f"refusing to write images rendered from {source_split} label maps into a train split "
+                            f"(a segmenter trained on it would see the evaluation layouts, Sec. F.4); render the "
+                            f"train label maps, or pass --allow-val-in-train")
+    return split
+
+
 def generate(checkpoint, source, out_root, edits=(), outliers=0, corruption=None, severity=3, seed=0,
-             batch_size=4, device="cpu", priority=None, split="train", city="robusta"):
+             batch_size=4, device="cpu", priority=None, source_split="train", split=None, city="robusta",
+             allow_val_in_train=False):
     """Render a dataset from label maps and write it in the Cityscapes layout that segment.py reads.
 
     source: a dataset whose samples hold "label_ids" (N, H, W) and "name" (a split of a data.py
     reader, or data.LabelFolder). Each map gets, in order: the morphological `edits` ("dilate:disk:5",
     see `parse_edit`), `outliers` pasted outlier objects, rendering by G_coarse (+ G_fine), and
-    optionally data.corrupt(corruption, severity). Written under out_root:
+    optionally data.corrupt(corruption, severity). The output split is `split`, by default
+    `source_split` (the split the label maps come from; see `output_split`). Written under out_root:
     leftImg8bit/<split>/<city>/<stem>_leftImg8bit.png, gtFine/<split>/<city>/<stem>_gtFine_{labelIds,
     trainIds,anomaly}.png, and manifest.json (checkpoint sha256, edits, seeds). Image i uses seed
     `seed + i`. An interrupted run resumes: images already written (written last, atomically) are skipped.
     """
     out_root = Path(out_root)
+    split = output_split(source_split, split, allow_val_in_train)
     g_coarse, g_fine, args = load_generators(checkpoint, device)
-    scale = 1 if g_fine is None else args.fine_scale
     edits = [parse_edit(e) if isinstance(e, str) else e for e in edits]
     images_dir, labels_dir = out_root / "leftImg8bit" / split / city, out_root / "gtFine" / split / city
     images_dir.mkdir(parents=True, exist_ok=True)
     labels_dir.mkdir(parents=True, exist_ok=True)
     manifest = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha256(checkpoint), "edits": edits,
+                "source_split": source_split, "split": split,
                 "outliers": outliers, "outlier_ids": list(data.OUTLIER_IDS), "corruption": corruption,
                 "severity": severity if corruption else None, "seed": seed, "seeds": "image i: seed + i",
                 "generator": "G_coarse" if g_fine is None else "G_coarse + G_fine", "count": len(source),
-                "priority": priority or [list(e) for e in PRIORITY]}
+                "priority": [list(e) for e in priority or PRIORITIES[TABLE_OF.get(args.dataset, args.dataset)]]}
     (out_root / "manifest.json").write_text(json.dumps(manifest, indent=2))
     pending, skipped, rendered, start = [], 0, 0, time.time()
     for index in range(len(source)):
@@ -1030,8 +1196,8 @@ def generate(checkpoint, source, out_root, edits=(), outliers=0, corruption=None
         if len(pending) < batch_size and index < len(source) - 1:
             continue
         if pending:
-            _generate_batch(pending, g_coarse, g_fine, args.label_nc, scale, edits, outliers, corruption, severity,
-                            seed, priority, images_dir, labels_dir, device)
+            _generate_batch(pending, g_coarse, g_fine, args.label_nc, edits, outliers, corruption, severity,
+                            seed, priority, args.dataset, images_dir, labels_dir, device)
             rendered += len(pending)
             pending = []
         rate = rendered / max(time.time() - start, 1e-9)
@@ -1046,7 +1212,7 @@ def generate(checkpoint, source, out_root, edits=(), outliers=0, corruption=None
 
 
 @torch.no_grad()
-def evaluate_generators(g_coarse, g_fine, dataset, label_nc, scale=1, segmenter=None, inception=None,
+def evaluate_generators(g_coarse, g_fine, dataset, label_nc, segmenter=None, inception=None,
                         device="cpu", batch_size=4, num_classes=data.NUM_CLASSES):
     """Image-quality metrics of rendered validation label maps (Sec. C.1.2, E.1.3) -> dict.
 
@@ -1066,7 +1232,7 @@ def evaluate_generators(g_coarse, g_fine, dataset, label_nc, scale=1, segmenter=
     count = 0
     for batch in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
         ids = batch["label_ids"].to(device)
-        coarse, fine = render(g_coarse, g_fine, ids, label_nc, scale)
+        coarse, fine = render(g_coarse, g_fine, ids, label_nc)
         images = {"real": batch["image"].to(device), "coarse": coarse, "fine": fine}
         for key in keys:
             fake = images[key]
@@ -1104,8 +1270,24 @@ def num_classes(dataset_name):
     return getattr(data, DATASETS.get(dataset_name, "Cityscapes")).__dict__.get("num_classes", data.NUM_CLASSES)
 
 
+# The published segmenters that score generated images (C.1.2, as in SPADE / OASIS), loaded by segment.py
+EVALUATORS = tuple(getattr(segment, "EVALUATORS", ("drn-d-105", "upernet-101", "deeplabv2-cocostuff",
+                                                   *(f"segformer-b{i}" for i in range(6)))))
+EVALUATOR_OF = {"cityscapes": "drn-d-105", "ade20k": "upernet-101", "ade20k-outdoors": "upernet-101",
+                "coco-stuff": "deeplabv2-cocostuff", "toycity": "deeplabv3plus-r18"}
+
+
+def segmenter_model(args):
+    """--segmenter-model, or the paper's evaluator of --dataset (C.1.2)."""
+    return args.segmenter_model or EVALUATOR_OF.get(args.dataset, "deeplabv3plus-r101")
+
+
 def load_segmenter(path, model_name, classes, device):
-    """A segment.py segmenter (for the mIoU-on-generated protocol) from its checkpoint."""
+    """The segmenter of the mIoU-on-generated protocol (C.1.2), in eval mode: a published evaluator
+    (`EVALUATORS`, via segment.load_evaluator: RGB in [0, 1] -> logits at input size) or a
+    segment.py model (segment.MODELS) from its checkpoint."""
+    if model_name in EVALUATORS:
+        return segment.load_evaluator(model_name, path, num_classes=classes).to(device).eval()
     model = segment.build_model(model_name, classes)
     model.load_state_dict(segment.load_weights(path))
     return model.to(device).eval()
@@ -1115,8 +1297,10 @@ def profile(presets=None, device="cpu", memory=False):
     """Parameters, mult-adds (one input) and, with `memory`, peak forward/backward memory of the
     generators + discriminators of each dataset preset, printed beside Table A11 (Cityscapes).
 
-    Counting runs on the meta device (no memory, no time); memory runs the real networks at the
-    preset's resolution on `device` (slow on a CPU at the paper's sizes).
+    G_fine reads I_LR (size / fine_scale) and D_fine scores its full-size output. Mult-adds under
+    both conventions of metrics.count_macs: "torchinfo" (Table A11's) and "aten" (ours). Counting
+    runs on the meta device (no memory, no time); memory runs the real networks at the preset's
+    resolution on `device` (slow on a CPU at the paper's sizes).
     """
     rows = []
     for name in presets or [p for p in PRESETS]:
@@ -1128,13 +1312,15 @@ def profile(presets=None, device="cpu", memory=False):
                 g, dd = (g_coarse, d) if part == "Robusta w/o G_fine" else (g_fine, d_fine)
                 size = args.size if part == "Robusta w/o G_fine" else args.fine_size
                 label = torch.zeros(1, args.label_nc, *size, device=dev)
-                image = torch.zeros(1, 3, *size, device=dev)
-                inputs = (label,) if part == "Robusta w/o G_fine" else (image, label)
+                low = [n // args.fine_scale for n in size]
+                inputs = (label,) if part == "Robusta w/o G_fine" else (torch.zeros(1, 3, *low, device=dev), label)
                 return g, dd, label, inputs
             g, dd, label, inputs = build("meta")
-            macs = metrics.count_macs(lambda: dd(label, g(*inputs)))
-            params = metrics.count_parameters(g) + metrics.count_parameters(dd)
-            row = {"preset": name, "networks": part, "gmacs": macs / 1e9, "mparams": params / 1e6}
+            row = {"preset": name, "networks": part,
+                   "mparams": (metrics.count_parameters(g) + metrics.count_parameters(dd)) / 1e6}
+            for convention in ("torchinfo", "aten"):
+                row[f"gmacs_{convention}"] = metrics.count_macs(lambda: dd(label, g(*inputs)),
+                                                                convention=convention) / 1e9
             if memory:
                 g, dd, label, inputs = build(device)
 
@@ -1142,14 +1328,16 @@ def profile(presets=None, device="cpu", memory=False):
                     gan_loss(dd(label, g(*inputs)), True).backward()
                 row["memory_gb"] = metrics.peak_memory(step, device) / 2**30
             rows.append(row)
-    print(f"{'preset':<16} {'networks':<20} {'GMACs':>9} {'Mparams':>9} {'memory GB':>10}   paper (Table A11)")
+    print(f"{'preset':<16} {'networks':<20} {'Mparams':>8} {'GMACs torchinfo':>16} {'GMACs aten':>11} "
+          f"{'memory GB':>10}   paper (Table A11: Mparams, GMACs torchinfo, VRAM)")
     for r in rows:
         paper = PAPER_COST[r["networks"]] if r["preset"] == "cityscapes" else None
         mem = f"{r['memory_gb']:10.2f}" if "memory_gb" in r else f"{'-':>10}"
-        print(f"{r['preset']:<16} {r['networks']:<20} {r['gmacs']:9.1f} {r['mparams']:9.1f} {mem}   "
-              + (f"{paper['gmacs']} GMA, {paper['mparams']} M, {paper['vram_gb']} GB" if paper else "-"))
-    print("Note: Table A11 counted with torchinfo (parameters x output positions per module); ours counts the aten "
-          "ops executed (metrics.count_macs): the mult-adds differ in convention as well as in architecture details.")
+        print(f"{r['preset']:<16} {r['networks']:<20} {r['mparams']:8.1f} {r['gmacs_torchinfo']:16.1f} "
+              f"{r['gmacs_aten']:11.1f} {mem}   "
+              + (f"{paper['mparams']} M, {paper['gmacs']} GMA, {paper['vram_gb']} GB" if paper else "-"))
+    print("Conventions (metrics.count_macs): torchinfo = parameters x output positions per leaf module, as "
+          "Table A11 counted; aten = the convolutions, matmuls (incl. attention) and norms actually executed.")
     return rows
 
 
@@ -1167,13 +1355,14 @@ def add_train_args(p):
     g.add_argument("--no-spade-fine", action="store_true", help="SPADE 2 off: BatchNorm in G_fine (Table A6)")
     g.add_argument("--no-fine", action="store_true", help="G_coarse only, no second stage (Table A6)")
     g.add_argument("--ngf", type=int, default=None, help="G_coarse base width (Table A1: 64)")
-    g.add_argument("--n-blocks", type=int, default=None, help="SPADE ResNet blocks of G_coarse (9, our choice)")
+    g.add_argument("--n-blocks", type=int, default=None, help="SPADE ResNet blocks of G_coarse (Table A11: 3)")
     g.add_argument("--spade-hidden", type=int, default=None, help="SPADE hidden channels (SPADE: 128)")
     g.add_argument("--ndf", type=int, default=None, help="discriminator base width (pix2pixHD: 64)")
     g.add_argument("--num-d", type=int, default=2, help="discriminator scales (pix2pixHD: 2)")
-    g.add_argument("--fine-nf", type=int, default=None, help="G_fine width (SRGAN: 64)")
-    g.add_argument("--fine-blocks", type=int, default=None, help="G_fine residual blocks (SRGAN: 16)")
-    g.add_argument("--fine-scale", type=int, default=1, choices=[1, 2, 4], help="G_fine upscaling factor")
+    g.add_argument("--fine-nf", type=int, default=None, help="G_fine width (Table A11: 384; SRGAN: 64)")
+    g.add_argument("--fine-blocks", type=int, default=None, help="G_fine residual blocks (Table A11: 6; SRGAN: 16)")
+    g.add_argument("--fine-scale", type=int, default=None, choices=[1, 2, 4, 8],
+                   help="G_fine's factor: its body runs on I_LR at 1 / scale (Table A11 implies 8)")
     g = p.add_argument_group("stage 1: G_coarse (Table A2)")
     g.add_argument("--lr", type=float, default=None, help="Adam learning rate (Table A2: 2e-4)")
     g.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 (pix2pixHD: 0.5)")
@@ -1207,10 +1396,12 @@ def add_train_args(p):
 
 def add_eval_args(p):
     g = p.add_argument_group("evaluation")
-    g.add_argument("--segmenter", default=None, help="segment.py checkpoint for mIoU on generated images "
-                   "(the demo trains one on real ToyCity when absent)")
-    g.add_argument("--segmenter-model", default="deeplabv3plus-r101", choices=segment.MODELS,
-                   help="architecture of --segmenter")
+    g.add_argument("--segmenter", default=None, help="weights of the segmenter that scores generated images (mIoU, "
+                   "C.1.2; see --segmenter-model); the demo trains one on real ToyCity when absent")
+    g.add_argument("--segmenter-model", default=None, choices=list(segment.MODELS) + list(EVALUATORS),
+                   help="architecture of --segmenter: a published evaluator (segment.load_evaluator) or a "
+                        "segment.py model; default: the paper's evaluator of --dataset (C.1.2: DRN-D-105 for "
+                        "Cityscapes, UperNet-101 for ADE20K, DeepLab-v2 for COCO-Stuff; toycity: deeplabv3plus-r18)")
     g.add_argument("--segmenter-minutes", type=float, default=1.5,
                    help="demo: minutes to train that segmenter (DeepLab-v3+ ResNet-18)")
     g.add_argument("--inception", default=None, help="pytorch-fid Inception weights for FID (skipped without)")
@@ -1230,6 +1421,11 @@ def options_from_preset(name):
     return resolve(build_parser().parse_args(["train", "--dataset", name]))
 
 
+PRIORITY_HELP = ("lexicographic order of the edits (Appendix D), highest rank first, '+' joins classes of one "
+                 "rank, unlisted classes are stuff: e.g. 'traffic sign,traffic light,person+rider,car' "
+                 "(default: the dataset's, robusta.PRIORITIES)")
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command")
@@ -1243,9 +1439,15 @@ def build_parser():
     q.add_argument("--labels", default=None, help="a folder of label-id PNGs (data.LabelFolder) instead of a dataset")
     q.add_argument("--dataset", default="toycity", choices=sorted(DATASETS), help="dataset whose split is rendered")
     q.add_argument("--data-root", default=None, help="its root (toycity: default cache)")
-    q.add_argument("--split", default="val", help="split of --dataset")
+    q.add_argument("--split", default="train", help="split of --dataset whose label maps are rendered")
+    q.add_argument("--out-split", default=None,
+                   help="split written (default: the source's: --split, or the split named in --labels' path)")
+    q.add_argument("--allow-val-in-train", action="store_true",
+                   help="allow writing images of val/test label maps into a train split (Sec. F.4: leaks the "
+                        "evaluation set into training)")
     q.add_argument("--edit", action="append", default=[], help="morphological edit OP:SHAPE:SIZE[:CLASSES], repeatable "
                    "(e.g. dilate:disk:5, erode:square:7:person,car)")
+    q.add_argument("--priority", default=None, help=PRIORITY_HELP)
     q.add_argument("--outliers", type=int, default=0, help="outlier objects pasted into each map")
     q.add_argument("--corruption", default=None, help="a data.CORRUPTIONS name applied to the rendered images")
     q.add_argument("--severity", type=int, default=3, help="corruption severity 1..5")
@@ -1270,6 +1472,9 @@ def build_parser():
     q.add_argument("--labels", required=True, help="a label-id PNG or a folder of them")
     q.add_argument("--edit", action="append", required=True, help="OP:SHAPE:SIZE[:CLASSES], repeatable")
     q.add_argument("--out", required=True, help="output folder (edited _labelIds.png + _color.png)")
+    q.add_argument("--dataset", default="cityscapes", choices=sorted(TABLE_OF),
+                   help="whose label ids the maps hold (names of classes and default order, Appendix D)")
+    q.add_argument("--priority", default=None, help=PRIORITY_HELP)
     return p
 
 
@@ -1294,32 +1499,33 @@ def demo_segmenter(args, size):
 
 
 def run_pipeline(args):
-    """train -> generate (the validation label maps, plain and edited) -> evaluate against an
-    untrained generator of the same architecture -> runs/<name>/index.html and results.json."""
+    """train -> evaluate on the validation label maps (against an untrained generator of the same
+    architecture) -> generate a training set from the train label maps (plain, and the first 8
+    dilated) into split "train" -> runs/<name>/index.html and results.json."""
     checkpoint = train(args)
     device = torch.device(args.device)
     g_coarse, g_fine, _ = load_generators(checkpoint, device)
     size = args.size if g_fine is None else args.fine_size
-    scale = 1 if g_fine is None else args.fine_scale
     val = eval_dataset(args, size)
     segmenter = None
     if args.segmenter:
-        segmenter = load_segmenter(args.segmenter, args.segmenter_model, num_classes(args.dataset), device)
+        segmenter = load_segmenter(args.segmenter, segmenter_model(args), num_classes(args.dataset), device)
     elif args.dataset == "toycity":
         segmenter = demo_segmenter(args, size)
     else:
         print("evaluate: mIoU on generated images skipped - give --segmenter PATH (a segment.py checkpoint)")
     classes = num_classes(args.dataset)
-    results = {"trained": evaluate_generators(g_coarse, g_fine, val, args.label_nc, scale, segmenter, args.inception,
+    results = {"trained": evaluate_generators(g_coarse, g_fine, val, args.label_nc, segmenter, args.inception,
                                               device, num_classes=classes)}
     segment.seed_everything(args.seed)
     untrained = [m.to(device).eval() if m is not None else None for m in build_networks(args)[::2]]
-    results["untrained"] = evaluate_generators(*untrained, val, args.label_nc, scale, segmenter, args.inception, device,
+    results["untrained"] = evaluate_generators(*untrained, val, args.label_nc, segmenter, args.inception, device,
                                                num_classes=classes)
     out = Path(args.out) / args.name
     generated = {}
-    few = torch.utils.data.Subset(val, range(min(8, len(val))))
-    for tag, source, edits in (("generated", val, []), ("generated_dilated", few, ["dilate:disk:2"])):
+    train_maps = image_dataset(args, "train", size, augment=False)  # a generated training set: train maps only
+    few = torch.utils.data.Subset(train_maps, range(min(8, len(train_maps))))
+    for tag, source, edits in (("generated", train_maps, []), ("generated_dilated", few, ["dilate:disk:2"])):
         start = time.time()
         generate(checkpoint, source, out / tag, edits=edits, device=device)
         generated[tag] = len(source) / (time.time() - start)
@@ -1335,8 +1541,8 @@ def run_pipeline(args):
     run.write_index(f"Robusta on {args.dataset}", [
         ("Trained generator - " + "; ".join(lines), []),
         ("Untrained generator (same architecture) - " + "; ".join(base), []),
-        ("Generated dataset (validation label maps)", [(p.name, p) for p in plain]),
-        ("Generated from dilated label maps (dilate:disk:2)", [(p.name, p) for p in edited]),
+        ("Generated training set (train label maps)", [(p.name, p) for p in plain]),
+        ("Generated from dilated train label maps (dilate:disk:2)", [(p.name, p) for p in edited]),
         ("Samples: label | real | G_coarse | G_fine (newest first)", [(p.stem, p) for p in grids])])
     print(f"[{args.name}] wrote {out / 'index.html'}", flush=True)
     return results
@@ -1348,13 +1554,16 @@ def edit_files(args):
     files = [Path(args.labels)] if source is None else source.files
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    priority = parse_priority(args.priority) if args.priority else None
     for path in files:
         ids = data.read_label(path)[None]
         for e in args.edit:
-            ids = edit_labels(ids, e)
+            ids = edit_labels(ids, e, priority, args.dataset)
         stem = path.name[: -len(".png")].replace("_gtFine_labelIds", "")
         data.write_label(out / f"{stem}_gtFine_labelIds.png", ids[0])
-        data.write_image(out / f"{stem}_gtFine_color.png", data.colorize(ids[0], kind="id").permute(2, 0, 1) / 255)
+        if TABLE_OF[args.dataset] == "cityscapes":  # Cityscapes colours
+            data.write_image(out / f"{stem}_gtFine_color.png",
+                             data.colorize(ids[0], kind="id").permute(2, 0, 1) / 255)
     print(f"edit: {len(files)} label maps -> {out}")
 
 
@@ -1472,7 +1681,7 @@ def experiment(argv=()):
 
     def quality(checkpoint):
         g_coarse, g_fine, args = load_generators(checkpoint, device)
-        return evaluate_generators(g_coarse, g_fine, splits["val"], args.label_nc, 1, evaluator, None, device)
+        return evaluate_generators(g_coarse, g_fine, splits["val"], args.label_nc, evaluator, None, device)
 
     train_maps = data.Cityscapes(toy / "source", "train", size=size)
     quality_rows, robust = {}, {}
@@ -1570,13 +1779,17 @@ def main(argv=None):
         _, _, trained = load_generators(args.checkpoint)
         size = trained.size if trained.no_fine else trained.fine_size
         if args.labels:
-            source = data.LabelFolder(args.labels, size=size)
+            source, source_split = data.LabelFolder(args.labels, size=size), split_of(args.labels)
         else:
-            source = image_dataset(argparse.Namespace(dataset=args.dataset, data_root=args.data_root), args.split, size)
+            source = image_dataset(argparse.Namespace(dataset=args.dataset, data_root=args.data_root), args.split,
+                                   size, augment=False)
+            source_split = args.split
         if args.max_images:
             source = torch.utils.data.Subset(source, range(min(args.max_images, len(source))))
         return generate(args.checkpoint, source, args.out_root, args.edit, args.outliers, args.corruption,
-                        args.severity, args.seed, args.batch_size, args.device)
+                        args.severity, args.seed, args.batch_size, args.device,
+                        parse_priority(args.priority) if args.priority else None, source_split=source_split,
+                        split=args.out_split, allow_val_in_train=args.allow_val_in_train)
     if args.command == "evaluate":
         g_coarse, g_fine, trained = load_generators(args.checkpoint, args.device)
         size = trained.size if g_fine is None else trained.fine_size
@@ -1584,9 +1797,9 @@ def main(argv=None):
         classes = num_classes(args.dataset)
         segmenter = None
         if args.segmenter:
-            segmenter = load_segmenter(args.segmenter, args.segmenter_model, classes, args.device)
+            segmenter = load_segmenter(args.segmenter, segmenter_model(args), classes, args.device)
         results = evaluate_generators(g_coarse, g_fine, eval_dataset(args, size), trained.label_nc,
-                                      1 if g_fine is None else trained.fine_scale, segmenter, args.inception,
+                                      segmenter, args.inception,
                                       args.device, args.batch_size, classes)
         print(json.dumps(results, indent=2))
         return results

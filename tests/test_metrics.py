@@ -396,6 +396,32 @@ def test_count_macs_matches_hand_counts_of_conv_linear_and_norm_layers():
     assert metrics.count_parameters(nn.Linear(3, 2)) == 8
 
 
+def test_count_macs_torchinfo_convention_is_parameters_times_output_positions():
+    shared = nn.Conv2d(4, 4, 1)  # called twice: counted per call
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1),  # (4*3*9 + 4) params at 8 x 8
+                                      nn.BatchNorm2d(4), nn.PReLU(), nn.ReLU())  # 8 and 1 params, x batch only
+            self.shared = shared
+            self.up = nn.ConvTranspose2d(4, 2, 2, stride=2)  # (4*2*4 + 2) params at its OUTPUT 16 x 16
+            self.fc = nn.Linear(2, 5)  # on (N, 256 tokens, 2): (2*5 + 5) params x batch, tokens not counted
+
+        def forward(self, x):
+            x = self.shared(self.shared(self.body(x)))
+            x = self.up(x)
+            return self.fc(x.flatten(2).transpose(1, 2)) @ torch.ones(5, 7)  # the matmul is functional: 0
+
+    n = 3
+    hand = n * ((4 * 3 * 9 + 4) * 64 + 8 + 1 + 2 * (4 * 4 + 4) * 64 + (4 * 2 * 4 + 2) * 256 + (2 * 5 + 5))
+    assert metrics.count_macs(Net(), torch.randn(n, 3, 16, 16), convention="torchinfo") == hand
+    with torch.device("meta"):  # counts without computing
+        assert metrics.count_macs(Net(), torch.zeros(n, 3, 16, 16), convention="torchinfo") == hand
+    with pytest.raises(data.BadInput):
+        metrics.count_macs(Net(), torch.randn(1, 3, 16, 16), convention="ptflops")
+
+
 def test_count_macs_counts_attention_matmuls():
     b, length, e = 2, 10, 16
     mha = nn.MultiheadAttention(e, 4, batch_first=True)
