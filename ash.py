@@ -11,7 +11,8 @@ is seen in training. Contents, in reading order:
 1. AdaIN (Sec. 3.2, Eq. 1): `calc_mean_std`, `adain`, `vgg_normalised` (the 53-layer normalised
    VGG19 of pytorch-AdaIN; the encoder is its layers 0..30, up to relu4_1), `decoder` (its mirror),
    `Stylizer` (frozen encoder + decoder), `load_stylizer`.
-2. Orthogonal noise (Eq. 3, Algorithm 1 line 4): `orthogonal_noise`, `mix_channels`.
+2. Orthogonal noise (Eq. 3, Algorithm 1 line 4): `orthogonal_noise` and the three readings of `--noise`
+   (`mix_channels`, `elementwise_noise`, `whitened_noise`, chosen by `perturb_style`; `DEFAULT_NOISE`).
 3. The ASH module (Eq. 2-3): `label_smoothing`, `ASHModule`; Eq. 4 in `Stylizer.stylize`.
 4. The discriminator of AdaptSegNet/CLAN: `FCDiscriminator`; losses `adversarial_loss` (Eq. 5),
    `content_loss`, `style_loss` (Eq. 7-9), `ash_loss` (Eq. 6).
@@ -228,12 +229,84 @@ def orthogonal_noise(n, generator=None, device=None):
 def mix_channels(z, feat):
     """Z f: multiply the channel vector at every position of (N, C, H, W) features by Z (C, C).
 
-    For each position p, f'[:, p] = Z f[:, p], so all inner products <f[:, p], f[:, q]> between the
-    positions' channel vectors (the (HW, HW) matrix F^T F) are preserved exactly; the channel Gram
-    matrix F F^T becomes Z F F^T Z^T (same eigenvalues, trace, Frobenius norm), while the per-channel
-    means and standard deviations that AdaIN transfers change: a new style of the same "energy".
+    The `--noise rotation` reading. For each position p, f'[:, p] = Z f[:, p], so all inner products
+    <f[:, p], f[:, q]> between the positions' channel vectors (the (HW, HW) matrix F^T F) are preserved
+    exactly; the channel Gram matrix F F^T becomes Z F F^T Z^T (same eigenvalues, trace, Frobenius
+    norm), while the per-channel means and standard deviations that AdaIN transfers are scrambled
+    (on ReLU features, about half the channel means become negative): a new style of the same "energy".
     """
     return torch.einsum("ij,njhw->nihw", z.to(feat.dtype), feat)
+
+
+def elementwise_noise(feat, generator=None):
+    """The `--noise elementwise` reading (the authors' code as described in issue 13): f * (1 + V).
+
+    V (N, C, H, W): for every image and channel, the orthogonal factor U V^T of the SVD of a standard
+    normal (H, W) matrix (our reading of "V from an SVD of a normal matrix"; its rows, or columns, are
+    orthonormal). Every entry of V lies in [-1, 1], so 1 + V >= 0: ReLU features stay non-negative,
+    zeros stay zero (the support is kept), each element is scaled by a factor in [0, 2] whose mean
+    over positions is ~0. Channel means move little, stds more (a few to tens of percent, depending
+    on H*W): AdaIN sees a slightly different style each iteration.
+    """
+    device = generator.device if generator is not None else feat.device
+    a = torch.randn(feat.shape, generator=generator, device=device, dtype=torch.float32)
+    u, _, vh = torch.linalg.svd(a, full_matrices=False)                 # batched over (N, C)
+    v = (u @ vh).to(feat.device, feat.dtype)
+    return feat * (1 + v)
+
+
+def whitened_noise(feat, generator=None, rel_eps=1e-6):
+    """The `--noise whitened` reading, Deep Feature Perturbation's form ([35], Wang et al., CVPR 2020).
+
+    Per image: centre the features F (C, HW) on their channel means mu, whiten them in the eigenbasis
+    of their covariance E D E^T (kept to the k eigenvalues above rel_eps * max, so that all-zero ReLU
+    channels are handled exactly), rotate the k whitened coordinates by a Haar-random Z (k, k), and
+    recolour: f' = E_k D_k^(1/2) Z D_k^(-1/2) E_k^T (F - mu) + mu.
+
+    Exactly kept: the channel means and the whole channel covariance (hence every channel's std);
+    changed: which positions carry which feature vector (the spatial arrangement). NOTE: AdaIN
+    (Eq. 1) reads only the channel means and stds, so AdaIN(f_src, whitened_noise(f)) == AdaIN(f_src, f):
+    with `--mode stylize+noise` this reading is the same computation as `--mode stylize` (Table 5
+    rows 2 and 3 coincide). Only the ASH module, whose gamma / beta vary over positions (Eq. 3), and
+    L_s1's reference see the difference.
+    """
+    n, c = feat.shape[:2]
+    flat = feat.reshape(n, c, -1).double()
+    mu = flat.mean(2, keepdim=True)
+    centred = flat - mu
+    out = []
+    for i in range(n):
+        cov = centred[i] @ centred[i].T / max(centred.shape[2] - 1, 1)
+        evals, evecs = torch.linalg.eigh(cov)
+        keep = evals > rel_eps * evals.max().clamp(min=1e-30)
+        e, d = evecs[:, keep], evals[keep]
+        white = (e.T @ centred[i]) / d.sqrt()[:, None]                  # (k, HW), covariance I_k
+        z = orthogonal_noise(e.shape[1], generator).double()             # Eq. (3)'s Z on whitened features
+        out.append(e @ (d.sqrt()[:, None] * (z @ white)))               # recolour: covariance E_k D_k E_k^T
+    return (torch.stack(out) + mu).to(feat.dtype).reshape(feat.shape)
+
+
+NOISES = ("rotation", "elementwise", "whitened")
+# The default reading of the orthogonal noise (one place; see docs/ash.md, "Orthogonal noise"). The text
+# cites [35] and says the noise keeps the "inherent style information" while "increasing the diversity
+# of the style features"; Table 5 reports row 3 (+ noise) above row 2 (stylization only). `whitened`
+# keeps the style exactly but, AdaIN reading only means / stds, makes row 3 identical to row 2;
+# `rotation` scrambles the channel statistics AdaIN transfers. `elementwise` (the authors' code) keeps
+# most of the style (means ~1%) while diversifying it, and can make rows 2 and 3 differ.
+DEFAULT_NOISE = "elementwise"
+
+
+def perturb_style(f_style, noise=DEFAULT_NOISE, generator=None):
+    """Algorithm 1 line 4: "multiply the style features with an orthogonal noise matrix Z", in one of the
+    readings `NOISES` (see `mix_channels`, `elementwise_noise`, `whitened_noise`); fresh every call."""
+    if noise == "rotation":
+        z = orthogonal_noise(f_style.shape[1], generator, device=f_style.device)
+        return mix_channels(z, f_style)
+    if noise == "elementwise":
+        return elementwise_noise(f_style, generator)
+    if noise == "whitened":
+        return whitened_noise(f_style, generator)
+    raise data.BadInput(f"--noise must be one of {', '.join(NOISES)}; got {noise!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -574,8 +647,7 @@ class Algorithm1:
             f_src = sty.encode(x_src).float()                           # line 2: (N, 512, H/8, W/8)
             f_style = sty.encode(x_style).float()                       # line 3
         if a.mode != "stylize":
-            z = orthogonal_noise(f_style.shape[1], device=f_style.device)  # line 4: fresh Z every iteration
-            f_style = mix_channels(z, f_style)
+            f_style = perturb_style(f_style, a.noise)                   # line 4: a fresh Z every iteration
         f_style_p = self.ash(f_style, semantics) if a.mode == "ash" else f_style  # lines 5-6 (Eq. 2-3)
         with self.autocast():
             x_stylized, f_merged = sty.stylize(f_src, f_style_p, a.alpha)  # lines 7-8 (Eq. 1, 4)
@@ -706,6 +778,11 @@ def parser():
     g.add_argument("--lambda-sub", type=float, default=1.0,
                    help="weight of L_c, L_s1, L_s2 in the ASH loss (Eq. 6: 1; the authors' code: 1e-8)")
     g.add_argument("--delta", type=float, default=1.0, help="delta of Eq. (3) (paper: 1; Table 3: 0)")
+    g.add_argument("--noise", choices=NOISES, default=DEFAULT_NOISE,
+                   help="reading of the orthogonal noise Z of Eq. (3) / Algorithm 1 line 4: rotation of the raw "
+                        "channels; elementwise f * (1 + V) (the authors' code); whitened (Deep Feature "
+                        "Perturbation [35]: keeps the channel mean and covariance exactly, so with --mode "
+                        f"stylize+noise it equals --mode stylize). Default {DEFAULT_NOISE} (docs/ash.md)")
     g.add_argument("--alpha", type=float, default=0.5, help="weight of AdaIN features in Eq. (4) (paper: 0.5)")
     g.add_argument("--label-smoothing", type=float, default=0.1,
                    help="epsilon of the label smoothing (authors' code: 0.1)")
@@ -898,9 +975,9 @@ def demo_stylizer(d, adain_dir):
     return adain_dir
 
 
-def demo_args(d, mode, adain_dir, out, name, seed=0, resume=""):
+def demo_args(d, mode, adain_dir, out, name, seed=0, resume="", noise=None):
     """Algorithm 1 options at demo scale (ToyCity source -> target, DeepLab-v2 ResNet-`d.depth`)."""
-    return parser().parse_args([
+    return parser().parse_args([*(["--noise", noise] if noise else []),
         "--source", "toycity", "--target", "toycity", "--mode", mode, "--depth", str(d.depth),
         "--size", *map(str, d.size), "--iters", str(d.iters), "--batch-size", str(d.batch_size),
         "--lr", str(d.lr), "--vgg", str(adain_dir / "vgg_normalised.pth"),
@@ -937,6 +1014,9 @@ def experiment_parser():
     p.set_defaults(out="runs/ash-experiment", iters=300)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of Algorithm 1 (>= 3 for a std)")
     p.add_argument("--modes", nargs="+", default=list(EXPERIMENT_MODES), choices=EXPERIMENT_MODES)
+    p.add_argument("--noises", nargs="+", default=[DEFAULT_NOISE], choices=NOISES,
+                   help="readings of the orthogonal noise for the modes that use it (stylize+noise, ash); "
+                        "several: one row per mode x noise (Table 5 rows 3-4 under each reading)")
     p.add_argument("--quick", action="store_true",
                    help="a sixth of the iterations, a quarter of the decoder's (a smoke test)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -954,19 +1034,23 @@ def experiment(argv=()):
         torch.set_num_threads(d.threads)
     segment.announce_demo("ash")
     out = Path(d.out)
-    settings = {k: v for k, v in vars(d).items() if k not in ("out", "device", "threads", "modes")}
+    settings = {k: v for k, v in vars(d).items() if k not in ("out", "device", "threads", "modes", "noises")}
     exp = segment.Experiment(out, "ASH (Tables 1, 5) on ToyCity: source -> unseen target", settings)
     adain_dir = out / "adain"
     exp.cell("adain", lambda: {"dir": str(demo_stylizer(d, adain_dir))})
-    results = {}
+    results, labels = {}, []
+    for mode in d.modes:               # rows: (label, mode, noise); the noise only where the mode draws one
+        noises = d.noises if mode in ("stylize+noise", "ash") else [None]
+        labels += [(mode if len(noises) == 1 else f"{mode} ({noise})", mode, noise) for noise in noises]
     for seed in d.seeds:
-        for mode in d.modes:
-            name = f"{mode.replace('+', '-')}-s{seed}"
-            results[mode, seed] = exp.cell(name, lambda: train(demo_args(d, mode, adain_dir, out, name, seed, "auto")))
+        for label, mode, noise in labels:
+            name = f"{mode.replace('+', '-')}{'-' + noise if noise else ''}-s{seed}"  # the noise in the cell name
+            results[label, seed] = exp.cell(name, lambda: train(demo_args(d, mode, adain_dir, out, name, seed, "auto",
+                                                                          noise)))
     rows = []
-    for mode in d.modes:
-        runs = [results[mode, s] for s in d.seeds]
-        rows.append((mode, [[r[f"toycity-{dom}"][key] for r in runs]
+    for label, _, _ in labels:
+        runs = [results[label, s] for s in d.seeds]
+        rows.append((label, [[r[f"toycity-{dom}"][key] for r in runs]
                             for dom in ("target", "source") for key in ("miou19", "miou16", "miou13")]))
     exp.table(["mode", "target mIoU19", "target mIoU16", "target mIoU13",
                "source mIoU19", "source mIoU16", "source mIoU13"], rows,
@@ -974,7 +1058,7 @@ def experiment(argv=()):
                    f"{d.size[0]}x{d.size[1]}, seeds {d.seeds}; target = ToyCity target val (never seen in training).")
     last = f"{d.iters:07d}.png"
     figure = out / "stylized.png"
-    pictures = [out / f"{m.replace('+', '-')}-s{d.seeds[0]}" / "images" / last for m in ("stylize", "ash")]
+    pictures = [out / f"{m}-s{d.seeds[0]}" / "images" / last for m in ("stylize", f"ash-{d.noises[0]}")]
     pictures = [p for p in pictures if p.is_file()]
     if pictures:
         data.write_image(figure, torch.cat([data.read_image(p) for p in pictures], 1))

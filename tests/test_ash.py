@@ -143,6 +143,53 @@ def test_mixing_channels_preserves_inner_products_between_positions():
     assert not torch.allclose(ash.calc_mean_std(f)[1], ash.calc_mean_std(g)[1], atol=1e-2)
 
 
+def relu_features(seed=0, n=2, c=16, h=6, w=10):
+    """ReLU-like features: non-negative, with two all-zero channels (as relu4_1 has)."""
+    g = torch.Generator().manual_seed(seed)
+    f = F.relu(torch.randn(n, c, h, w, generator=g) + 0.3) * (1 + torch.arange(c).view(1, c, 1, 1) / 4)
+    f[:, :2] = 0
+    return f
+
+
+def test_elementwise_noise_is_f_times_one_plus_a_semi_orthogonal_v():
+    f = relu_features()
+    g = ash.perturb_style(f, "elementwise", torch.Generator().manual_seed(1))
+    nonzero = f != 0
+    v = torch.zeros_like(f)
+    v[nonzero] = g[nonzero] / f[nonzero] - 1                          # V where it can be read back
+    torch.manual_seed(0)
+    full = ash.elementwise_noise(torch.ones(2, 16, 6, 10))  - 1         # V itself (f = 1)
+    assert torch.allclose(full @ full.transpose(-1, -2), torch.eye(6).expand(2, 16, 6, 6), atol=1e-5)  # rows orthonormal
+    assert full.abs().max() <= 1 + 1e-6
+    # what it keeps: non-negativity and the support (zeros stay zero); what it changes: every non-zero value
+    assert (g >= 0).all() and torch.equal(g == 0, f == 0)
+    assert v[nonzero].abs().max() <= 1 + 1e-5 and v[nonzero].abs().min() >= 0 and not torch.equal(g, f)
+    # the channel means move much less than under the raw rotation
+    m = ash.calc_mean_std(f)[0]
+    moved = {k: (ash.calc_mean_std(ash.perturb_style(f, k))[0] - m).norm() / m.norm() for k in ("elementwise", "rotation")}
+    assert moved["elementwise"] < 0.25 * moved["rotation"]
+    assert not torch.equal(ash.perturb_style(f, "elementwise"), ash.perturb_style(f, "elementwise"))  # fresh
+
+
+def test_whitened_noise_keeps_channel_mean_and_covariance_so_adain_cannot_see_it():
+    f = relu_features()
+    g = ash.perturb_style(f, "whitened", torch.Generator().manual_seed(1))
+    assert not torch.allclose(g, f, atol=1e-2)                        # the spatial arrangement changes
+    F_, G_ = f.flatten(2).double(), g.flatten(2).double()
+    assert torch.allclose(G_.mean(2), F_.mean(2), atol=1e-5)          # channel means kept
+    cov = lambda x: (x - x.mean(2, keepdim=True)) @ (x - x.mean(2, keepdim=True)).transpose(1, 2) / (x.shape[2] - 1)
+    assert torch.allclose(cov(G_), cov(F_), atol=1e-4)                # whole channel covariance kept
+    assert g[:, :2].abs().max() < 1e-5                                # dead channels stay dead
+    # hence AdaIN (Eq. 1), which reads channel means and stds only, gives the same features
+    content = torch.randn(2, 16, 5, 7)
+    assert torch.allclose(ash.adain(content, g), ash.adain(content, f), atol=1e-4)
+    # ... while the raw rotation and the element-wise noise change AdaIN's output
+    for noise in ("rotation", "elementwise"):
+        assert not torch.allclose(ash.adain(content, ash.perturb_style(f, noise)), ash.adain(content, f), atol=1e-2)
+    with pytest.raises(data.BadInput, match="--noise"):
+        ash.perturb_style(f, "gaussian")
+
+
 # --- 3-4. ASH module, discriminator, losses -------------------------------------------------
 
 def test_label_smoothing_keeps_a_distribution():
@@ -318,6 +365,21 @@ def test_every_ablation_switch_runs_one_step(flags):
         assert algo.images[1].shape == x.shape
 
 
+def test_whitened_noise_makes_table5_row3_the_same_computation_as_row2_and_the_default_does_not():
+    x, _, s = tiny_batch()
+    stylized = {}
+    for mode, noise in (("stylize", "elementwise"), ("stylize+noise", "whitened"), ("stylize+noise", "elementwise"),
+                        ("stylize+noise", "rotation")):
+        algo = tiny_algorithm("--mode", mode, "--noise", noise)
+        torch.manual_seed(0)
+        stylized[mode, noise] = algo.stylize(x, s)[0].detach()
+    row2 = stylized["stylize", "elementwise"]
+    assert torch.allclose(stylized["stylize+noise", "whitened"], row2, atol=1e-4)
+    assert not torch.allclose(stylized["stylize+noise", "elementwise"], row2, atol=1e-3)
+    assert not torch.allclose(stylized["stylize+noise", "rotation"], row2, atol=1e-3)
+    assert ash.parser().parse_args([]).noise == ash.DEFAULT_NOISE == "elementwise"
+
+
 def test_ablation_semantics_inputs():
     x, y, _ = tiny_batch()
     logits = torch.randn(2, 19, 32, 64)
@@ -388,12 +450,18 @@ def test_experiment_runs_every_mode_and_seed_once_and_tabulates_mean_and_std(tin
     assert set(results) == {(m, s) for m in ash.EXPERIMENT_MODES for s in (0, 1)}
     stored = json.loads((tmp_path / "exp" / "experiment.json").read_text())
     assert stored["settings"]["iters"] == 1 and len(stored["cells"]) == 1 + 4 * 2   # AdaIN + 4 modes x 2 seeds
+    assert {"stylize-noise-elementwise-s0", "ash-elementwise-s1", "stylize-s0"} <= set(stored["cells"])
     table = (tmp_path / "exp" / "results.md").read_text()
     for mode in ash.EXPERIMENT_MODES:
         values = [results[mode, s]["toycity-target"]["miou19"] for s in (0, 1)]
         mean, std = torch.tensor(values).mean().item(), torch.tensor(values).std().item()
         assert f"| {mode} | {mean:.2f} ± {std:.2f} |" in table
     assert (tmp_path / "exp" / "stylized.png").is_file()
+    # Table 5 rows 3-4 under several readings of the noise: one row per mode x noise
+    noisy = ash.main(["experiment", *argv[:-1], str(tmp_path / "noises"), "--seeds", "0", "--modes", "stylize+noise",
+                      "--noises", "whitened", "rotation"])
+    assert set(noisy) == {("stylize+noise (whitened)", 0), ("stylize+noise (rotation)", 0)}
+    assert "| stylize+noise (whitened) |" in (tmp_path / "noises" / "results.md").read_text()
     # a rerun (an interrupted experiment) trains nothing again
     monkeypatch.setattr(ash, "train", lambda args: pytest.fail("trained again"))
     assert ash.experiment(argv) == results
