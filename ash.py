@@ -600,6 +600,41 @@ class frozen:
             p.requires_grad_(True)
 
 
+BATCHNORMS = (nn.modules.batchnorm._BatchNorm,)
+
+
+def freeze_bn_affine(model):
+    """BatchNorm as in CLAN / AdaptSegNet: the affine weight and bias of every BN layer are not trained
+    (requires_grad False, so no optimizer, no weight decay touches them). Returns the frozen parameters."""
+    params = [p for m in model.modules() if isinstance(m, BATCHNORMS) for p in (m.weight, m.bias) if p is not None]
+    for p in params:
+        p.requires_grad_(False)
+    return params
+
+
+class running_stats_kept:
+    """Context: the BatchNorm layers of `modules` normalise with batch statistics as in training, but
+    their running statistics (and counters) are restored on exit: a forward pass that only serves
+    another network's update (Algorithm 1 line 9) leaves no trace in G's evaluation statistics."""
+
+    def __init__(self, *modules):
+        self.layers = [m for module in modules for m in module.modules() if isinstance(m, BATCHNORMS)]
+
+    def __enter__(self):
+        # the layers update copies (the originals are swapped back on exit, not overwritten in place: the
+        # autograd graph of this pass holds the copies, which a later backward checks for in-place changes)
+        self.saved = []
+        for m in self.layers:
+            self.saved.append(dict(m.named_buffers(recurse=False)))
+            for k, v in self.saved[-1].items():
+                setattr(m, k, v.clone())
+
+    def __exit__(self, *exc):
+        for m, saved in zip(self.layers, self.saved):
+            for k, v in saved.items():
+                setattr(m, k, v)
+
+
 class Algorithm1:
     """The three players of ASH, their optimizers, and `step()`: one iteration of Algorithm 1.
 
@@ -613,7 +648,11 @@ class Algorithm1:
         self.autocast = autocast or (lambda: torch.autocast("cpu", enabled=False))
         self.scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
         sgd = dict(momentum=args.momentum, weight_decay=args.weight_decay)
-        self.optimizers = {"G": torch.optim.SGD(segment.unwrap(G).param_groups(args.lr), lr=args.lr, **sgd)}
+        if args.bn_affine == "frozen":                                  # CLAN / AdaptSegNet (Sec. 4.2: "as [22]")
+            freeze_bn_affine(segment.unwrap(G))
+        groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]}
+                  for g in segment.unwrap(G).param_groups(args.lr)]
+        self.optimizers = {"G": torch.optim.SGD(groups, lr=args.lr, **sgd)}
         if ash is not None:
             self.optimizers["ash"] = torch.optim.SGD(ash.parameters(), lr=args.lr, **sgd)
         if D is not None:
@@ -661,7 +700,7 @@ class Algorithm1:
         G_, D_ = segment.unwrap(G), segment.unwrap(D) if D is not None else None
         for opt in self.optimizers.values():
             for group in opt.param_groups:
-                group["lr"] = segment.poly_lr(group["base_lr"], it, a.iters, a.power)
+                group["lr"] = segment.poly_lr(group["base_lr"], it, a.iters, a.power) * warmup_factor(it, a)
             opt.zero_grad(set_to_none=True)
         out = {}
 
@@ -681,9 +720,10 @@ class Algorithm1:
         if a.mode == "ash":
             # Algorithm 1, line 9: the ASH module maximises the adversarial loss of Eq. (5) through
             # the frozen decoder, G and D, within the style budget of L_c, L_s1, L_s2 (Eq. 6).
-            with frozen(G_, D_), self.autocast():
+            # G's BatchNorm running statistics are kept out of this pass (CLAN's BN handling, issue 13 §3).
+            with frozen(G_, D_), running_stats_kept(G_), self.autocast():
                 l_adv = adversarial_loss(D_(F.softmax(G_(x_stylized), dim=1)).float(), source=True)
-            loss_ash, terms = ash_loss(a.lambda_adv_ash * l_adv, f_src, f_style, f_merged,
+            loss_ash, terms = ash_loss(ash_adv_weight(a, it) * l_adv, f_src, f_style, f_merged,
                                        use_lc=not a.no_lc, use_ls1=not a.no_ls1, use_ls2=not a.no_ls2,
                                        weight=a.lambda_sub)
             self.scaler.scale(loss_ash).backward()
@@ -738,9 +778,63 @@ class Algorithm1:
             opt.load_state_dict(state[f"opt_{k}"])
 
 
+# Weights of the ASH loss and the learning-rate schedule: the paper's reading (default) and the authors'
+# code's (issue 13 §2). An option given on the command line wins over its preset.
+PRESETS = {
+    "paper": {"lambda_adv_ash": 1.0,        # Eq. (6): -L_adv unweighted
+              "lambda_sub": 1.0,            # Eq. (6): L_c, L_s1, L_s2 unweighted
+              "adv_damping": False,         # no schedule on ASH's adversarial weight
+              "warmup": 0.0},               # Sec. 4.2: poly schedule only
+    "authors-code": {"lambda_adv_ash": "tied",   # ASH's adversarial weight = lambda_adv (0.001, Table 4)
+                     "lambda_sub": 1e-8,         # content / style terms at 1e-8
+                     "adv_damping": True,        # ... times (1 - i / N)
+                     "warmup": 0.05},            # linear lr warm-up over the first 5% of iterations
+}
+
+
+def tied_or_float(text):
+    if text == "tied":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'tied', got {text!r}") from None
+
+
+def apply_preset(args):
+    """Fill the options left unset (None) from `PRESETS[args.preset]`; returns args."""
+    if args.preset not in PRESETS:
+        raise data.BadInput(f"--preset must be one of {', '.join(PRESETS)}; got {args.preset!r}")
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args
+
+
+def ash_adv_weight(args, it):
+    """The weight of L_adv in the ASH module's loss (Eq. 6, line 9) at iteration `it`: --lambda-adv-ash,
+    or lambda_adv itself with 'tied' (the authors' code, so that Table 4's sweep moves G's and ASH's
+    adversarial weights together), times (1 - it / iters) with --adv-damping (the authors' code)."""
+    weight = args.lambda_adv if args.lambda_adv_ash == "tied" else args.lambda_adv_ash
+    return weight * (1 - it / args.iters) if args.adv_damping else weight
+
+
+def warmup_factor(it, args):
+    """Linear learning-rate warm-up over the first `--warmup` fraction of the iterations (1 after it)."""
+    steps = args.warmup * args.iters
+    return min(1.0, (it + 1) / steps) if steps >= 1 else 1.0
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the presets applied after parsing (every caller of parser().parse_args gets them)."""
+
+    def parse_args(self, args=None, namespace=None):
+        return apply_preset(super().parse_args(args, namespace))
+
+
 def parser():
     """The command line of Algorithm 1; defaults are the paper's (Sec. 4.2, Table 4)."""
-    p = argparse.ArgumentParser(description="ASH (Tjio et al.), Algorithm 1. `python ash.py` alone runs the "
+    p = Parser(description="ASH (Tjio et al.), Algorithm 1. `python ash.py` alone runs the "
                                 "ToyCity demo; `python ash.py train-decoder -h` trains an AdaIN decoder.")
     g = p.add_argument_group("data")
     g.add_argument("--source", choices=["gta5", "synthia", "toycity"], default="gta5", help="source domain")
@@ -773,10 +867,23 @@ def parser():
     g = p.add_argument_group("ASH (Sec. 3.3)")
     g.add_argument("--lambda-adv", type=float, default=0.001,
                    help="weight of the adversarial loss in G's objective, line 11 (Table 4: 0.001)")
-    g.add_argument("--lambda-adv-ash", type=float, default=1.0,
-                   help="weight of L_adv in the ASH loss (Eq. 6: 1; the authors' code: lambda-adv)")
-    g.add_argument("--lambda-sub", type=float, default=1.0,
-                   help="weight of L_c, L_s1, L_s2 in the ASH loss (Eq. 6: 1; the authors' code: 1e-8)")
+    g.add_argument("--preset", choices=list(PRESETS), default="paper",
+                   help="weights of Eq. (6) and lr schedule: 'paper' (Eq. 6 unweighted, poly) or 'authors-code' "
+                        "(ASH's adversarial weight tied to lambda_adv with (1 - i/N) damping, L_c / L_s1 / L_s2 "
+                        "at 1e-8, lr warm-up); the options below override it")
+    g.add_argument("--lambda-adv-ash", type=tied_or_float, default=None,
+                   help="weight of L_adv in the ASH loss, a number or 'tied' (= --lambda-adv, so that a sweep of "
+                        "--lambda-adv moves G's and ASH's adversarial weights together, as the authors' Table 4); "
+                        "paper preset: 1, authors-code: tied")
+    g.add_argument("--lambda-sub", type=float, default=None,
+                   help="weight of L_c, L_s1, L_s2 in the ASH loss (paper preset: 1; authors-code: 1e-8)")
+    g.add_argument("--adv-damping", action=argparse.BooleanOptionalAction, default=None,
+                   help="multiply ASH's adversarial weight by (1 - i/N) (paper preset: off; authors-code: on)")
+    g.add_argument("--warmup", type=float, default=None,
+                   help="fraction of the iterations with a linear lr warm-up before the poly schedule "
+                        "(paper preset: 0; authors-code: 0.05)")
+    g.add_argument("--bn-affine", choices=["frozen", "trained"], default="frozen",
+                   help="G's BatchNorm weight / bias: frozen as CLAN / AdaptSegNet (default) or trained")
     g.add_argument("--delta", type=float, default=1.0, help="delta of Eq. (3) (paper: 1; Table 3: 0)")
     g.add_argument("--noise", choices=NOISES, default=DEFAULT_NOISE,
                    help="reading of the orthogonal noise Z of Eq. (3) / Algorithm 1 line 4: rotation of the raw "

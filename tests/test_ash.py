@@ -242,6 +242,31 @@ def test_ash_loss_signs_follow_section_3_3():
     assert terms["l_s1"] > 0
 
 
+def test_lc_and_ls2_nearly_cancel_so_eq6_reduces_to_minus_ladv_plus_ls1():
+    """Issue 13 §4: L_c = |AdaIN(f_src, s) - f_src|^2 = (mu_s - mu_src)^2 + (sigma_s - sigma_src)^2 per channel
+    (up to the (HW - 1) / HW of the unbiased variance and eps) = L_s2, so + L_c - L_s2 in Eq. (6) cancels."""
+    g = torch.Generator().manual_seed(0)
+    f_src = F.relu(torch.randn(2, 16, 16, 16, generator=g) + 0.5)
+    z_f_style = F.relu(torch.randn(2, 16, 16, 16, generator=g)) * 3            # Z f_style, L_s1's reference
+    f_style = (z_f_style * 1.5 + 0.2 * torch.randn(2, 16, 1, 1, generator=g)).requires_grad_()  # f'_style (Eq. 3)
+    f_merged = ash.adain(f_src, f_style)
+    l_c, l_s2 = ash.content_loss(f_merged, f_src), ash.style_loss(f_merged, f_src)
+    assert abs(l_c - l_s2) < 0.01 * l_c and l_c > 0.1                  # nearly equal, not both ~0
+    grad_c, = torch.autograd.grad(l_c, f_style, retain_graph=True)
+    grad_diff, = torch.autograd.grad(l_c - l_s2, f_style, retain_graph=True)
+    assert grad_diff.norm() < 0.02 * grad_c.norm()
+    # Eq. (6) with all three terms vs with L_s1 only (Table 6's last and ... rows): nearly the same gradient
+    l_adv = torch.tensor(0.5)
+    full, _ = ash.ash_loss(l_adv, f_src, z_f_style, f_merged)
+    only_s1, _ = ash.ash_loss(l_adv, f_src, z_f_style, f_merged, use_lc=False, use_ls2=False)
+    g_full, = torch.autograd.grad(full, f_style, retain_graph=True)
+    g_s1, = torch.autograd.grad(only_s1, f_style, retain_graph=True)
+    assert (g_full - g_s1).norm() < 0.02 * g_full.norm()
+    # ... while dropping one of the two alone does change it
+    no_lc, _ = ash.ash_loss(l_adv, f_src, z_f_style, f_merged, use_lc=False)
+    assert (torch.autograd.grad(no_lc, f_style)[0] - g_full).norm() > 0.5 * g_full.norm()
+
+
 # --- 5-6. Algorithm 1 -------------------------------------------------------------------------
 
 def tiny_args(*flags):
@@ -294,8 +319,11 @@ def update(algo, net, x, y, s, only):
 
 
 def flat_grad(loss, net):
-    grads = torch.autograd.grad(loss, list(net.parameters()), allow_unused=True)
-    return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(net.parameters(), grads)])
+    """The gradient of `loss` over all of `net`'s parameters, zero for the frozen ones (BN affine)."""
+    trained = [p for p in net.parameters() if p.requires_grad]
+    grads = dict(zip(map(id, trained), torch.autograd.grad(loss, trained, allow_unused=True)))
+    return torch.cat([(grads.get(id(p)) if grads.get(id(p)) is not None else torch.zeros_like(p)).flatten()
+                      for p in net.parameters()])
 
 
 def test_gradients_reach_ash_through_decoder_and_segmenter_and_the_updates_have_the_right_signs():
@@ -378,6 +406,98 @@ def test_whitened_noise_makes_table5_row3_the_same_computation_as_row2_and_the_d
     assert not torch.allclose(stylized["stylize+noise", "elementwise"], row2, atol=1e-3)
     assert not torch.allclose(stylized["stylize+noise", "rotation"], row2, atol=1e-3)
     assert ash.parser().parse_args([]).noise == ash.DEFAULT_NOISE == "elementwise"
+
+
+def grads_after_step(*flags, seed=0):
+    """{net: flat gradient} of one `step` (the optimizers leave .grad in place), G's frozen BN at 0."""
+    algo = tiny_algorithm(*flags)
+    x, y, s = tiny_batch(seed)
+    torch.manual_seed(0)
+    algo.step(x, y, s, 0)
+    return {k: torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in net.parameters()])
+            for k, net in (("G", algo.G), ("ash", algo.ash), ("D", algo.D)) if net is not None}
+
+
+def test_raising_one_lambda_changes_only_the_gradients_of_the_network_it_weights():
+    """Issue 17 §1: lambda_adv weights line 11 (G), --lambda-adv-ash and --lambda-sub line 9 (ASH)."""
+    base = grads_after_step()
+    for flags, changed in ((["--lambda-adv", "0.5"], "G"), (["--lambda-adv-ash", "3"], "ash"),
+                           (["--lambda-sub", "3"], "ash")):
+        other = grads_after_step(*flags)
+        for net in ("G", "ash", "D"):
+            same = torch.allclose(other[net], base[net], rtol=1e-5, atol=1e-9)
+            assert same != (net == changed), (flags, net)
+    # 'tied' (the authors' code, Table 4's sweep): lambda_adv now also moves ASH's adversarial weight
+    tied = [grads_after_step("--lambda-adv-ash", "tied", "--lambda-adv", lam) for lam in ("0.001", "0.5")]
+    assert not torch.allclose(tied[0]["ash"], tied[1]["ash"], rtol=1e-3)
+    assert torch.allclose(tied[0]["D"], tied[1]["D"], rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("a, b, net", [
+    (["--mode", "stylize"], ["--mode", "stylize+noise"], "G"),
+    (["--mode", "stylize+noise"], ["--mode", "stylize+noise", "--noise", "rotation"], "G"),
+    ([], ["--seg-loss-stylized"], "G"),
+    (["--mode", "stylize"], ["--mode", "stylize", "--seg-loss-stylized"], "G"),
+    ([], ["--alpha", "0.8"], "G"),
+    ([], ["--no-lc"], "ash"), ([], ["--no-ls1"], "ash"), ([], ["--no-ls2"], "ash"),
+    ([], ["--delta", "0"], "ash"), ([], ["--uniform-semantics"], "ash"), ([], ["--gt-conditioning"], "ash"),
+])
+def test_every_ablation_switch_changes_the_computation_it_names(a, b, net):
+    """Issue 17 §1: two rows of Tables 1-3, 5, 6 are never silently the same experiment."""
+    ga, gb = grads_after_step(*a), grads_after_step(*b)
+    assert not torch.allclose(ga[net], gb[net], rtol=1e-3, atol=1e-10)
+
+
+def test_presets_paper_by_default_authors_code_on_request_and_options_win():
+    paper = ash.parser().parse_args([])
+    assert (paper.preset, paper.lambda_adv_ash, paper.lambda_sub, paper.adv_damping, paper.warmup) == \
+        ("paper", 1.0, 1.0, False, 0.0)
+    code = ash.parser().parse_args(["--preset", "authors-code", "--iters", "100"])
+    assert (code.lambda_adv_ash, code.lambda_sub, code.adv_damping, code.warmup) == ("tied", 1e-8, True, 0.05)
+    assert ash.ash_adv_weight(code, 0) == pytest.approx(0.001) and ash.ash_adv_weight(code, 50) == pytest.approx(0.0005)
+    assert ash.ash_adv_weight(paper, 50) == 1.0
+    assert ash.parser().parse_args(["--preset", "authors-code", "--lambda-sub", "1"]).lambda_sub == 1.0
+    assert ash.warmup_factor(0, code) == pytest.approx(1 / 5) and ash.warmup_factor(10, code) == 1.0
+    with pytest.raises(SystemExit):
+        ash.parser().parse_args(["--lambda-adv-ash", "tight"])
+    # in a step: the learning rate of iteration 0 is warmed up, ASH's loss uses the tied, damped weight
+    algo = tiny_algorithm("--preset", "authors-code", "--weight-decay", "0")
+    x, y, s = tiny_batch()
+    torch.manual_seed(0)
+    losses = algo.step(x, y, s, 0)
+    warm = ash.warmup_factor(0, algo.args) * segment.poly_lr(1.0, 0, 10)
+    assert algo.optimizers["ash"].param_groups[0]["lr"] == pytest.approx(algo.args.lr * warm)
+    expected = -0.001 * losses["l_adv_ash"] + 1e-8 * (losses["l_c"] + losses["l_s1"] - losses["l_s2"])
+    assert losses["loss_ash"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_batchnorm_as_clan_affine_frozen_and_line9_leaves_running_statistics_alone():
+    """Issue 13 §3. BN weight / bias: not trained, not decayed; the ASH module's pass (line 9) normalises
+    with batch statistics but its running statistics are discarded; lines 10 and 11 update them."""
+    x, y, s = tiny_batch()
+    for bn_affine in ("frozen", "trained"):
+        algo = tiny_algorithm("--bn-affine", bn_affine, "--lr", "0.1")
+        bns = [m for m in algo.G.modules() if isinstance(m, nn.BatchNorm2d)]
+        before = [(m.weight.detach().clone(), m.bias.detach().clone()) for m in bns]
+        in_opt = {id(p) for g in algo.optimizers["G"].param_groups for p in g["params"]}
+        torch.manual_seed(0)
+        algo.step(x, y, s, 0)
+        moved = any(not torch.equal(w, m.weight) or not torch.equal(b, m.bias) for (w, b), m in zip(before, bns))
+        assert moved == (bn_affine == "trained")
+        assert any(id(m.weight) in in_opt for m in bns) == (bn_affine == "trained")
+    # running statistics seen at the start of each of G's three forward passes of a step (lines 10, 9, 11)
+    algo = tiny_algorithm()
+    bn = algo.G.backbone.bn1
+    seen = []
+    bn.register_forward_pre_hook(lambda m, inp: seen.append(m.running_mean.clone()))
+    start = bn.running_mean.clone()
+    torch.manual_seed(0)
+    algo.step(x, y, s, 0)
+    assert len(seen) == 3 and torch.equal(seen[0], start)
+    assert not torch.equal(seen[1], seen[0])                          # line 10 updated them
+    assert torch.equal(seen[2], seen[1])                              # line 9 did not
+    assert not torch.equal(bn.running_mean, seen[2])                  # line 11 did
+    assert bn.num_batches_tracked.item() == 2
 
 
 def test_ablation_semantics_inputs():
