@@ -40,6 +40,7 @@ pytorch-AdaIN (github.com/naoto0804/pytorch-AdaIN, "Download models"); the ResNe
 weights are torchvision's `resnet101-63fe2227.pth` (download.pytorch.org/models/).
 """
 import argparse
+import inspect
 import math
 import os
 import sys
@@ -50,6 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import metrics
 import segment
 
 # ---------------------------------------------------------------------------------------------
@@ -131,19 +133,19 @@ ADAIN_URL = "https://github.com/naoto0804/pytorch-AdaIN (README, 'Download model
 def _read_checkpoint(path, what):
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what}: no file at {path}. It is published at {ADAIN_URL}; without it, "
+        raise data.MissingFile(f"{what}: no file at {path}. It is published at {ADAIN_URL}; without it, "
                                 "train one with `python ash.py train-decoder` (see its --help).")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{what}: cannot read {path} as a PyTorch checkpoint ({e})") from e
+        raise data.BadInput(f"{what}: cannot read {path} as a PyTorch checkpoint ({e})") from e
 
 
 def _load_strict(module, state, path, what):
     try:
         module.load_state_dict(state, strict=True)
     except (RuntimeError, KeyError) as e:
-        raise ValueError(f"{what}: {path} does not have the layout of pytorch-AdaIN's file ({e})") from e
+        raise data.BadInput(f"{what}: {path} does not have the layout of pytorch-AdaIN's file ({e})") from e
     return module
 
 
@@ -847,11 +849,30 @@ def parser():
     g.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"),
                    help="training size of source (and style) images; Sec. 4.2: GTA5 720 1280, SYNTHIA 760 1280")
     g.add_argument("--eval-size", type=int, nargs=2, default=(512, 1024), metavar=("H", "W"),
-                   help="evaluation size (the authors' code: Cityscapes at 512 x 1024)")
+                   help="input size of evaluation (the authors' code: Cityscapes at 512 x 1024); the logits are "
+                        "upsampled to the label's own resolution")
+    g.add_argument("--eval-labels", choices=["full", "resized"], default="full",
+                   help="score at the label files' resolution (full, the benchmark's) or on labels resized "
+                        "(nearest) to the input size (resized: faster, not comparable with the paper)")
+    g.add_argument("--source-split", default="all",
+                   help="GTA5 / SYNTHIA images to train on: 'all' (every image, domain generalisation) or a split "
+                        "(GTA5: split.mat's train / val / test, else <root>/<split>.txt)")
+    g.add_argument("--source-split-file", default=None, help="train only on the image names listed in this file")
+    g.add_argument("--source-val-file", default=None,
+                   help="GTA5 / SYNTHIA images to evaluate on (a list of names); default: the val split where "
+                        "one exists (split.mat / val.txt), else the source evaluation is skipped")
+    g.add_argument("--no-source-val", action="store_true", help="never evaluate on the source domain")
     g = p.add_argument_group("networks")
     g.add_argument("--depth", type=int, default=101, choices=[18, 34, 50, 101],
                    help="ResNet depth of DeepLab-v2 (paper: 101)")
-    g.add_argument("--pretrained", default=None, help="torchvision ImageNet ResNet checkpoint (resnet101-63fe2227.pth)")
+    g.add_argument("--backbone-style", choices=["torchvision", "caffe"], default=None,
+                   help="DeepLab-v2's ResNet: 'caffe' (AdaptSegNet / CLAN: stride in the first 1x1 conv, frozen BN; "
+                        "default on GTA5 / SYNTHIA) or 'torchvision' (default on ToyCity)")
+    g.add_argument("--pretrained", default=None,
+                   help=f"initial weights of G. caffe: {DEEPLAB_INIT} (MS-COCO-pretrained DeepLab-v2, the start of "
+                        f"the paper's and CLAN's numbers), published in {DEEPLAB_INIT_URL}; "
+                        "torchvision: resnet101-63fe2227.pth (download.pytorch.org/models/; ImageNet only, not "
+                        "comparable with the paper's 36.6 source-only)")
     g.add_argument("--vgg", default=None, help="vgg_normalised.pth of pytorch-AdaIN (or of `ash.py train-decoder`)")
     g.add_argument("--decoder", default=None, help="decoder.pth of pytorch-AdaIN (or of `ash.py train-decoder`)")
     g = p.add_argument_group("optimisation (Sec. 4.2)")
@@ -914,36 +935,81 @@ def parser():
 TRAIN_SIZE = {"gta5": (720, 1280), "synthia": (760, 1280), "toycity": (128, 256)}  # Sec. 4.2 (H, W)
 
 
+def source_val(args, size):
+    """The source domain's val split where one exists (GTA5: split.mat's valIds or val.txt; SYNTHIA:
+    val.txt; or --source-val-file), else None with one line saying evaluation on the source is skipped.
+    Domain generalisation trains on every source image (split 'all'), so most trees have none."""
+    reader = data.GTA5 if args.source == "gta5" else data.Synthia
+    try:
+        if args.source_val_file:
+            return reader(args.source_root, "all", size=size, full_labels=args.eval_labels == "full",
+                          split_file=args.source_val_file)
+        return reader(args.source_root, "val", size=size, full_labels=args.eval_labels == "full")
+    except data.MissingFile as e:
+        if args.source_val_file:
+            raise
+        print(f"[ash] no {args.source} val split in {args.source_root} (split.mat / val.txt): evaluation on the "
+              "source domain skipped", flush=True)
+        return None
+
+
 def datasets(args):
-    """(source train set, style set, {name: evaluation set}) for the command line's choices."""
+    """(source train set, style set, {name: evaluation set}) for the command line's choices.
+
+    Evaluation sets resize the input only (`--eval-size`; ToyCity: the training size); labels keep their
+    file's resolution and the logits are upsampled to them (`evaluate_tables`), unless --eval-labels resized."""
     size = tuple(args.size or TRAIN_SIZE[args.source])
     flip = data.RandomFlip()
+    full = args.eval_labels == "full"
     needs_toy = (args.source == "toycity" and not (args.source_root and args.styles)) or \
         (args.target == "toycity" and not args.target_root)
     toy = data.toycity() if needs_toy else None
+    evals = {}
     if args.source == "toycity":
         source_root = Path(args.source_root or toy / "source")
         source = data.Cityscapes(source_root, "train", size=size, transform=flip)
+        evals["toycity-source"] = data.Cityscapes(source_root, "val", size=size, full_labels=full)
     elif not args.source_root:
-        raise ValueError(f"--source {args.source} needs --source-root")
+        raise data.UserError(f"--source {args.source} needs --source-root (the dataset's folder)")
     else:
         reader = data.GTA5 if args.source == "gta5" else data.Synthia
-        source = reader(args.source_root, size=size, transform=flip)
+        source = reader(args.source_root, args.source_split, size=size, transform=flip,
+                        split_file=args.source_split_file)
+        val = None if args.no_source_val else source_val(args, tuple(args.eval_size))
+        if val is not None:
+            evals[f"{args.source}-val"] = val
     styles = args.styles or (toy / "paintings" if args.source == "toycity" else None)
     if styles is None:
-        raise ValueError("--styles DIR is needed (a folder of paintings, e.g. Painter by Numbers)")
-    evals = {}
-    if args.source == "toycity":
-        evals["toycity-source"] = data.Cityscapes(source_root, "val", size=size)
+        raise data.UserError("--styles DIR is needed (a folder of paintings, e.g. Painter by Numbers)")
     if args.target == "toycity":
-        evals["toycity-target"] = data.Cityscapes(args.target_root or toy / "target", "val", size=size)
+        evals["toycity-target"] = data.Cityscapes(args.target_root or toy / "target", "val", size=size, full_labels=full)
     elif not args.target_root:
-        raise ValueError(f"--target {args.target} needs --target-root")
+        raise data.UserError(f"--target {args.target} needs --target-root (the dataset's folder)")
     elif args.target == "cityscapes":
-        evals["cityscapes"] = data.Cityscapes(args.target_root, "val", size=tuple(args.eval_size))
+        evals["cityscapes"] = data.Cityscapes(args.target_root, "val", size=tuple(args.eval_size), full_labels=full)
     else:
-        evals["mapillary"] = data.Mapillary(args.target_root, "val", size=tuple(args.eval_size))
+        evals["mapillary"] = data.Mapillary(args.target_root, "val", size=tuple(args.eval_size), full_labels=full)
     return source, data.StyleFolder(styles, size=size), evals
+
+
+@torch.no_grad()
+def evaluate(model, loader, device):
+    """One confusion matrix over the loader, scored at each label's own resolution: the network runs on
+    the (resized) input, its logits are upsampled bilinearly to the label's size (labels are never
+    resized here). Runs in eval mode and hands the model back in the mode it came in."""
+    was_training = model.training
+    model.eval()
+    cm = metrics.ConfusionMatrix(data.NUM_CLASSES)
+    try:
+        for batch in loader:
+            logits = model(batch["image"].to(device)).float()
+            labels = batch["labels"]
+            if logits.shape[-2:] != labels.shape[-2:]:
+                logits = segment.upsample(logits, labels.shape[-2:])
+            cm.update(logits.argmax(1).cpu(), labels)
+    finally:
+        model.train(was_training)
+    return cm
 
 
 def evaluate_tables(G, loaders, device):
@@ -953,20 +1019,44 @@ def evaluate_tables(G, loaders, device):
     """
     results = {}
     for name, loader in loaders.items():
-        cm = segment.evaluate(segment.unwrap(G), loader, device)
+        cm = evaluate(segment.unwrap(G), loader, device)
         results[name] = {f"miou{k}": 100 * cm.miou(k) for k in ("19", "16", "13")}
         print(f"== {name} ({len(loader.dataset)} images) ==\n{cm.table(data.CLASS_NAMES)}", flush=True)
     return results
 
 
+DEEPLAB_INIT = "DeepLab_resnet_pretrained_init-f81d91e8.pth"
+DEEPLAB_INIT_URL = ("the AdaptSegNet repository, github.com/wasidennis/AdaptSegNet (RESTORE_FROM in train_gta2cityscapes_"
+                    "multi.py: http://vllab.ucmerced.edu/ytsai/CVPR18/" + DEEPLAB_INIT + ")")
+
+
+def backbone_style(args):
+    """--backbone-style, or its default: 'caffe' (AdaptSegNet / CLAN's DeepLab-v2, the paper's start, Sec. 4.2
+    and Table 5's CLAN baseline) on real data, 'torchvision' on ToyCity (trained from scratch)."""
+    return args.backbone_style or ("torchvision" if args.source == "toycity" else "caffe")
+
+
+def deeplab(args):
+    """G: DeepLab-v2 from segment.py. With --backbone-style caffe, segment.DeepLabV2(..., style="caffe") (Caffe
+    ResNet, CLAN's dilations, frozen BN; --pretrained reads AdaptSegNet's DEEPLAB_INIT); with torchvision, the
+    torchvision-layout ResNet (--pretrained: torchvision's resnet101-63fe2227.pth)."""
+    style = backbone_style(args)
+    if style == "torchvision":
+        return segment.DeepLabV2(data.NUM_CLASSES, args.depth, pretrained=args.pretrained)
+    if "style" not in inspect.signature(segment.DeepLabV2).parameters:
+        raise data.UserError("--backbone-style caffe needs segment.DeepLabV2(style='caffe'), which this segment.py "
+                             "does not have yet; use --backbone-style torchvision")
+    return segment.DeepLabV2(data.NUM_CLASSES, args.depth, style=style, pretrained=args.pretrained)
+
+
 def check_args(args):
     ash_only = [f for f in ("no_lc", "no_ls1", "no_ls2", "uniform_semantics", "gt_conditioning") if getattr(args, f)]
     if ash_only and args.mode != "ash":
-        raise ValueError(f"--{ash_only[0].replace('_', '-')} is an ablation of the ASH module: it needs --mode ash")
+        raise data.BadInput(f"--{ash_only[0].replace('_', '-')} is an ablation of the ASH module: it needs --mode ash")
     if args.seg_loss_stylized and args.mode == "baseline":
-        raise ValueError("--seg-loss-stylized needs stylized images: not with --mode baseline")
+        raise data.BadInput("--seg-loss-stylized needs stylized images: not with --mode baseline")
     if args.uniform_semantics and args.gt_conditioning:
-        raise ValueError("--uniform-semantics and --gt-conditioning are two different ablations; choose one")
+        raise data.BadInput("--uniform-semantics and --gt-conditioning are two different ablations; choose one")
 
 
 def build(args, device="cpu", stylizer=None, segmenter=None, run=None):
@@ -977,13 +1067,13 @@ def build(args, device="cpu", stylizer=None, segmenter=None, run=None):
     wrap = run.wrap if run is not None else (lambda m: m.to(device))
     if stylizer is None and args.mode != "baseline":
         if not (args.vgg and args.decoder):
-            raise ValueError("--vgg and --decoder are needed to stylize (pytorch-AdaIN's vgg_normalised.pth and "
+            raise data.UserError("--vgg and --decoder are needed to stylize (pytorch-AdaIN's vgg_normalised.pth and "
                              "decoder.pth, or the output of `python ash.py train-decoder`)")
         stylizer = load_stylizer(args.vgg, args.decoder)
     if stylizer is not None:
         stylizer = stylizer.to(device)
     if segmenter is None:
-        segmenter = segment.DeepLabV2(data.NUM_CLASSES, args.depth, pretrained=args.pretrained)
+        segmenter = deeplab(args)
     G = wrap(segmenter)
     ash = wrap(ASHModule(data.NUM_CLASSES, stylizer.channels, delta=args.delta)) if args.mode == "ash" else None
     D = wrap(FCDiscriminator(data.NUM_CLASSES)) if args.mode != "baseline" else None

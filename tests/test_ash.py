@@ -585,3 +585,88 @@ def test_experiment_runs_every_mode_and_seed_once_and_tabulates_mean_and_std(tin
     # a rerun (an interrupted experiment) trains nothing again
     monkeypatch.setattr(ash, "train", lambda args: pytest.fail("trained again"))
     assert ash.experiment(argv) == results
+
+
+def test_evaluation_scores_at_the_label_resolution_and_restores_the_mode(tiny_toycity):
+    common = ["--source", "toycity", "--source-root", str(tiny_toycity / "source"), "--target", "toycity",
+              "--target-root", str(tiny_toycity / "target"), "--styles", str(tiny_toycity / "paintings"),
+              "--size", "16", "32"]
+    _, _, evals = ash.datasets(ash.parser().parse_args(common))
+    sample = evals["toycity-target"][0]
+    assert sample["image"].shape[-2:] == (16, 32) and sample["labels"].shape == (32, 64)   # the files are 32x64
+    _, _, fast = ash.datasets(ash.parser().parse_args([*common, "--eval-labels", "resized"]))
+    assert fast["toycity-target"][0]["labels"].shape == (16, 32)
+
+    class Fixed(nn.Module):                     # logits at the input size whose upsampled argmax is known
+        def forward(self, x):
+            self.mode_seen = self.training
+            logits = torch.zeros(x.shape[0], 19, *x.shape[-2:])
+            logits[:, 3, :, : x.shape[-1] // 2] = 1
+            logits[:, 5, :, x.shape[-1] // 2:] = 1
+            return logits
+
+    labels = torch.full((1, 32, 64), 5)
+    labels[:, :, :32] = 3
+    loader = [{"image": torch.rand(1, 3, 16, 32), "labels": labels}]
+    model = Fixed().train()
+    cm = ash.evaluate(model, loader, "cpu")
+    assert model.mode_seen is False and model.training                     # eval inside, train again after
+    assert cm.miou() == 1.0 and cm.mat.sum() == 32 * 64                   # every label pixel, all right
+
+
+def tiny_gta5(root, names=("00001", "00002"), size=(32, 64)):
+    """A GTA5 tree as the download unpacks it: images/, labels/ (Cityscapes label ids), no split files."""
+    g = torch.Generator().manual_seed(0)
+    for name in names:
+        data.write_image(root / "images" / f"{name}.png", torch.rand(3, *size, generator=g))
+        ids = torch.full(size, 7)                                           # road
+        ids[: size[0] // 2] = 23                                            # sky
+        ids[:, : size[1] // 4] = 11                                         # building
+        data.write_label(root / "labels" / f"{name}.png", ids)
+    return root
+
+
+def test_gta5_without_split_files_trains_through_ash_and_skips_the_source_val(tiny_toycity, tmp_path, monkeypatch,
+                                                                             capsys):
+    gta = tiny_gta5(tmp_path / "GTA5")
+    torch.save(ash.random_vgg_normalised(0, width=4).state_dict(), tmp_path / "vgg.pth")
+    torch.save(ash.decoder(4).state_dict(), tmp_path / "dec.pth")
+    styles = []
+    real = segment.DeepLabV2
+
+    def deeplab(num_classes, depth, style="torchvision", pretrained=None):   # segment.DeepLabV2 with `style=`
+        styles.append(style)
+        return real(num_classes, depth, pretrained=pretrained)
+    monkeypatch.setattr(segment, "DeepLabV2", deeplab)
+    argv = ["--source", "gta5", "--source-root", str(gta), "--target", "toycity", "--target-root",
+            str(tiny_toycity / "target"), "--styles", str(tiny_toycity / "paintings"), "--depth", "18",
+            "--size", "32", "64", "--eval-size", "32", "64", "--batch-size", "1", "--iters", "2",
+            "--vgg", str(tmp_path / "vgg.pth"), "--decoder", str(tmp_path / "dec.pth"), "--eval-every", "0",
+            "--image-every", "2", "--save-every", "2", "--out", str(tmp_path / "runs"), "--device", "cpu",
+            "--workers", "0", "--log-every", "1"]
+    results = ash.main([*argv, "--name", "nosplit"])
+    assert set(results) == {"toycity-target"} and styles == ["caffe"]       # caffe by default on real data
+    out = capsys.readouterr().out
+    assert out.count("evaluation on the source domain skipped") == 1
+    steps = [json.loads(l)["step"] for l in (tmp_path / "runs" / "nosplit" / "log.jsonl").read_text().splitlines()
+             if "loss_seg" in l]
+    assert steps == [1, 2]
+    # a val split where one exists (here val.txt) is evaluated; the training set stays 'all'
+    (gta / "val.txt").write_text("00002\n")
+    results = ash.main([*argv, "--name", "val", "--backbone-style", "torchvision"])
+    assert set(results) == {"gta5-val", "toycity-target"} and styles == ["caffe", "torchvision"]
+    source, _, _ = ash.datasets(ash.parser().parse_args(argv))
+    assert len(source) == 2
+
+
+def test_backbone_style_caffe_needs_segment_support_and_help_names_the_init_file(monkeypatch, capsys):
+    args = ash.parser().parse_args(["--source", "gta5", "--depth", "18"])
+    assert ash.backbone_style(args) == "caffe"
+    assert ash.backbone_style(ash.parser().parse_args(["--source", "toycity"])) == "torchvision"
+    monkeypatch.setattr(segment, "DeepLabV2", lambda num_classes=19, depth=101, multi_level=False, pretrained=None: None)
+    with pytest.raises(data.UserError, match="backbone-style"):
+        ash.deeplab(args)
+    with pytest.raises(SystemExit):
+        ash.parser().parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "DeepLab_resnet_pretrained_init-f81d91e8.pth" in help_text and "AdaptSegNet" in help_text
