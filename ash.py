@@ -19,25 +19,32 @@ is seen in training. Contents, in reading order:
 5. AdaIN decoder training for users without `decoder.pth` (`python ash.py train-decoder`):
    `decoder_losses`, `train_decoder`.
 6. Algorithm 1: `Algorithm1` (one object with G, ASH, D and their optimizers; `.step()` is lines
-   2-12), `train` (the CLI: data, run helpers, checkpoints, index.html), every ablation of
-   Tables 1-3, 5, 6 behind one switch.
-7. Evaluation as Tables 1-3 (`evaluate_tables`: per-class IoU over 19 classes, mIoU 19/16/13) and
-   the ToyCity demo (`demo`) and the seeded experiment of Tables 1/5 (`experiment`).
+   2-12; G's BatchNorm as CLAN: `freeze_bn_affine`, `running_stats_kept` for line 9), `PRESETS`
+   (`--preset paper|authors-code`), `train` (the CLI: data, run helpers, checkpoints, index.html),
+   every ablation of Tables 1-3, 5, 6 behind one switch.
+7. Evaluation as Tables 1-3 (`evaluate` at the label's resolution, `evaluate_tables`: per-class IoU
+   over 19 classes, mIoU 19/16/13) and the ToyCity demo (`demo`) and the seeded experiment of
+   Tables 1/5 (`experiment`, also over the readings of the noise).
 
 Run:
     python ash.py                        # demo on ToyCity: AdaIN decoder, source-only and ASH, mIoU
     python ash.py demo --iters 800 --size 64 128   # the demo with other lengths / sizes (see --help)
     python ash.py experiment [--quick]   # Tables 1/5 on ToyCity: 4 modes x 3 seeds, mean +- std
+    python ash.py experiment --modes stylize+noise ash --noises rotation elementwise whitened  # Table 5 rows 3-4
     python ash.py train-decoder --content DIR --styles DIR [--vgg vgg_normalised.pth]
     python ash.py --source gta5 --source-root GTA5 --target cityscapes --target-root CITYSCAPES \
         --styles PAINTER_BY_NUMBERS --vgg vgg_normalised.pth --decoder decoder.pth \
-        --pretrained resnet101-63fe2227.pth
+        --pretrained DeepLab_resnet_pretrained_init-f81d91e8.pth
     python ash.py ... --mode stylize+noise / --no-ls1 / --delta 0 / --uniform-semantics ...  # ablations
+    python ash.py ... --preset authors-code [--lambda-adv 0.01]   # the authors' code's weights (Table 4 sweep)
     torchrun --nproc_per_node 4 ash.py ...                    # DistributedDataParallel, same code
 
 Pretrained weights (never downloaded): `vgg_normalised.pth` and `decoder.pth` are published with
-pytorch-AdaIN (github.com/naoto0804/pytorch-AdaIN, "Download models"); the ResNet-101 ImageNet
-weights are torchvision's `resnet101-63fe2227.pth` (download.pytorch.org/models/).
+pytorch-AdaIN (github.com/naoto0804/pytorch-AdaIN, "Download models"); G's initialisation, as for the
+paper's and CLAN's numbers, is AdaptSegNet's MS-COCO-pretrained DeepLab-v2
+`DeepLab_resnet_pretrained_init-f81d91e8.pth` (github.com/wasidennis/AdaptSegNet) with
+`--backbone-style caffe`; torchvision's ImageNet `resnet101-63fe2227.pth` (download.pytorch.org/models/)
+with `--backbone-style torchvision`.
 """
 import argparse
 import inspect
@@ -406,6 +413,13 @@ def ash_loss(l_adv, f_src, f_style, f_merged, use_lc=True, use_ls1=True, use_ls2
     objective is unbounded below. L_s1 compares with Z f_style, the style image's features before
     the ASH transform (as the authors' code): against f'_style itself it would be zero by
     construction of AdaIN. `weight` scales L_c, L_s1, L_s2 (1 in Eq. 6).
+
+    L_c and L_s2 nearly cancel (issue 13 §4; a property of Eq. 6-9, the authors' code has it too): both
+    compare AdaIN(f_src, f'_style) with f_src at relu4_1, and per channel
+    |AdaIN(f_src, s) - f_src|^2 averaged over positions = (mu_s - mu_src)^2 + (sigma_s - sigma_src)^2 up
+    to the (HW - 1) / HW of the unbiased variance and eps, i.e. L_c = L_s2 to within ~1/HW. With the
+    signs + L_c - L_s2 their gradients cancel, so Eq. (6) acts as -L_adv + L_s1, and Table 6's row
+    "L_c, L_s1, L_s2" is, to that precision, the row "L_s1 only". We keep the equations as printed.
     Returns (loss, {"l_c", "l_s1", "l_s2"}).
     """
     f_src, f_style = f_src.detach(), f_style.detach()
@@ -643,6 +657,10 @@ class Algorithm1:
     G: the segmenter (DeepLab-v2), SGD; ASH: the ASHModule, SGD; D: the FCDiscriminator, Adam;
     the Stylizer (AdaIN encoder/decoder) is frozen. Any of them may be wrapped in DDP (`run.wrap`).
     With --mode baseline only line 10 runs; "stylize" drops lines 4-6 and 9, "stylize+noise" lines 5-6, 9.
+    BatchNorm as CLAN / AdaptSegNet (issue 13 §3): G's BN weight and bias are frozen (`--bn-affine
+    frozen`, outside every optimizer, so no weight decay), and the line-9 pass through G normalises with
+    batch statistics but leaves G's running statistics as they were; lines 10 and 11 update them.
+    The learning rates follow the poly schedule times the warm-up of `--warmup` (0 in the paper preset).
     """
 
     def __init__(self, G, ash, D, stylizer, args, autocast=None, scaler=None):
@@ -1057,6 +1075,8 @@ def check_args(args):
         raise data.BadInput("--seg-loss-stylized needs stylized images: not with --mode baseline")
     if args.uniform_semantics and args.gt_conditioning:
         raise data.BadInput("--uniform-semantics and --gt-conditioning are two different ablations; choose one")
+    if not 0 <= args.warmup <= 1:
+        raise data.BadInput(f"--warmup is a fraction of the iterations, 0..1; got {args.warmup}")
 
 
 def build(args, device="cpu", stylizer=None, segmenter=None, run=None):
@@ -1201,6 +1221,9 @@ def demo(argv=()):
 
 
 EXPERIMENT_MODES = ("baseline", "stylize", "stylize+noise", "ash")  # the rows of Tables 1 and 5
+# What changed Algorithm 1's results since the last stored experiments (issue 13): the noise readings,
+# CLAN's BatchNorm handling, evaluation at the label's resolution.
+EXPERIMENT_VERSION = "issue-13: --noise, frozen BN affine, line-9 BN statistics kept, eval at label resolution"
 
 
 def experiment_parser():
@@ -1232,6 +1255,7 @@ def experiment(argv=()):
     segment.announce_demo("ash")
     out = Path(d.out)
     settings = {k: v for k, v in vars(d).items() if k not in ("out", "device", "threads", "modes", "noises")}
+    settings["algorithm1"] = EXPERIMENT_VERSION         # runs of an older Algorithm 1 are not reused
     exp = segment.Experiment(out, "ASH (Tables 1, 5) on ToyCity: source -> unseen target", settings)
     adain_dir = out / "adain"
     exp.cell("adain", lambda: {"dir": str(demo_stylizer(d, adain_dir))})
