@@ -276,8 +276,8 @@ def whitened_noise(feat, generator=None, rel_eps=1e-6):
     changed: which positions carry which feature vector (the spatial arrangement). NOTE: AdaIN
     (Eq. 1) reads only the channel means and stds, so AdaIN(f_src, whitened_noise(f)) == AdaIN(f_src, f):
     with `--mode stylize+noise` this reading is the same computation as `--mode stylize` (Table 5
-    rows 2 and 3 coincide). Only the ASH module, whose gamma / beta vary over positions (Eq. 3), and
-    L_s1's reference see the difference.
+    rows 2 and 3 coincide). Only the ASH module, whose gamma / beta vary over positions (Eq. 3), sees
+    the difference (L_s1 / L_s2 read channel means and stds too).
     """
     n, c = feat.shape[:2]
     flat = feat.reshape(n, c, -1).double()
