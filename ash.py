@@ -1059,11 +1059,15 @@ def deeplab(args):
     ResNet, CLAN's dilations, frozen BN; --pretrained reads AdaptSegNet's DEEPLAB_INIT); with torchvision, the
     torchvision-layout ResNet (--pretrained: torchvision's resnet101-63fe2227.pth)."""
     style = backbone_style(args)
+    if style == "caffe" and "style" not in inspect.signature(segment.DeepLabV2).parameters:
+        if args.backbone_style == "caffe":
+            raise data.UserError("--backbone-style caffe needs segment.DeepLabV2(style='caffe'), which this "
+                                 "segment.py does not have yet; use --backbone-style torchvision")
+        print("[ash] this segment.py has no Caffe-style DeepLab-v2 (AdaptSegNet / CLAN): using the torchvision "
+              "layout (--backbone-style torchvision)", flush=True)
+        style = "torchvision"
     if style == "torchvision":
         return segment.DeepLabV2(data.NUM_CLASSES, args.depth, pretrained=args.pretrained)
-    if "style" not in inspect.signature(segment.DeepLabV2).parameters:
-        raise data.UserError("--backbone-style caffe needs segment.DeepLabV2(style='caffe'), which this segment.py "
-                             "does not have yet; use --backbone-style torchvision")
     return segment.DeepLabV2(data.NUM_CLASSES, args.depth, style=style, pretrained=args.pretrained)
 
 

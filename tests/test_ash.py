@@ -663,9 +663,13 @@ def test_backbone_style_caffe_needs_segment_support_and_help_names_the_init_file
     args = ash.parser().parse_args(["--source", "gta5", "--depth", "18"])
     assert ash.backbone_style(args) == "caffe"
     assert ash.backbone_style(ash.parser().parse_args(["--source", "toycity"])) == "torchvision"
-    monkeypatch.setattr(segment, "DeepLabV2", lambda num_classes=19, depth=101, multi_level=False, pretrained=None: None)
-    with pytest.raises(data.UserError, match="backbone-style"):
-        ash.deeplab(args)
+    built = []
+    monkeypatch.setattr(segment, "DeepLabV2", lambda num_classes=19, depth=101, multi_level=False, pretrained=None:
+                        built.append(depth))
+    with pytest.raises(data.UserError, match="backbone-style"):               # asked for explicitly: an error
+        ash.deeplab(ash.parser().parse_args(["--source", "gta5", "--backbone-style", "caffe"]))
+    ash.deeplab(args)                                                         # the default falls back, says so
+    assert built == [18] and "torchvision layout" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         ash.parser().parse_args(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())
