@@ -135,6 +135,9 @@ def decoder(width=64):
 
 
 ADAIN_URL = "https://github.com/naoto0804/pytorch-AdaIN (README, 'Download models')"
+DEEPLAB_INIT = "DeepLab_resnet_pretrained_init-f81d91e8.pth"       # G's initialisation (AdaptSegNet, CLAN, ASH)
+DEEPLAB_INIT_URL = ("the AdaptSegNet repository, github.com/wasidennis/AdaptSegNet (RESTORE_FROM in "
+                    "train_gta2cityscapes_multi.py: http://vllab.ucmerced.edu/ytsai/CVPR18/" + DEEPLAB_INIT + ")")
 
 
 def _read_checkpoint(path, what):
@@ -1000,7 +1003,8 @@ def datasets(args):
     if styles is None:
         raise data.UserError("--styles DIR is needed (a folder of paintings, e.g. Painter by Numbers)")
     if args.target == "toycity":
-        evals["toycity-target"] = data.Cityscapes(args.target_root or toy / "target", "val", size=size, full_labels=full)
+        target_root = args.target_root or toy / "target"
+        evals["toycity-target"] = data.Cityscapes(target_root, "val", size=size, full_labels=full)
     elif not args.target_root:
         raise data.UserError(f"--target {args.target} needs --target-root (the dataset's folder)")
     elif args.target == "cityscapes":
@@ -1041,11 +1045,6 @@ def evaluate_tables(G, loaders, device):
         results[name] = {f"miou{k}": 100 * cm.miou(k) for k in ("19", "16", "13")}
         print(f"== {name} ({len(loader.dataset)} images) ==\n{cm.table(data.CLASS_NAMES)}", flush=True)
     return results
-
-
-DEEPLAB_INIT = "DeepLab_resnet_pretrained_init-f81d91e8.pth"
-DEEPLAB_INIT_URL = ("the AdaptSegNet repository, github.com/wasidennis/AdaptSegNet (RESTORE_FROM in train_gta2cityscapes_"
-                    "multi.py: http://vllab.ucmerced.edu/ytsai/CVPR18/" + DEEPLAB_INIT + ")")
 
 
 def backbone_style(args):

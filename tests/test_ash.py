@@ -158,15 +158,17 @@ def test_elementwise_noise_is_f_times_one_plus_a_semi_orthogonal_v():
     v = torch.zeros_like(f)
     v[nonzero] = g[nonzero] / f[nonzero] - 1                          # V where it can be read back
     torch.manual_seed(0)
-    full = ash.elementwise_noise(torch.ones(2, 16, 6, 10))  - 1         # V itself (f = 1)
-    assert torch.allclose(full @ full.transpose(-1, -2), torch.eye(6).expand(2, 16, 6, 6), atol=1e-5)  # rows orthonormal
+    full = ash.elementwise_noise(torch.ones(2, 16, 6, 10)) - 1         # V itself (f = 1)
+    rows = full @ full.transpose(-1, -2)                               # (2, 16, 6, 6): orthonormal rows
+    assert torch.allclose(rows, torch.eye(6).expand(2, 16, 6, 6), atol=1e-5)
     assert full.abs().max() <= 1 + 1e-6
     # what it keeps: non-negativity and the support (zeros stay zero); what it changes: every non-zero value
     assert (g >= 0).all() and torch.equal(g == 0, f == 0)
     assert v[nonzero].abs().max() <= 1 + 1e-5 and v[nonzero].abs().min() >= 0 and not torch.equal(g, f)
     # the channel means move much less than under the raw rotation
     m = ash.calc_mean_std(f)[0]
-    moved = {k: (ash.calc_mean_std(ash.perturb_style(f, k))[0] - m).norm() / m.norm() for k in ("elementwise", "rotation")}
+    moved = {k: (ash.calc_mean_std(ash.perturb_style(f, k))[0] - m).norm() / m.norm()
+             for k in ("elementwise", "rotation")}
     assert moved["elementwise"] < 0.25 * moved["rotation"]
     assert not torch.equal(ash.perturb_style(f, "elementwise"), ash.perturb_style(f, "elementwise"))  # fresh
 
