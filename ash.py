@@ -11,34 +11,43 @@ is seen in training. Contents, in reading order:
 1. AdaIN (Sec. 3.2, Eq. 1): `calc_mean_std`, `adain`, `vgg_normalised` (the 53-layer normalised
    VGG19 of pytorch-AdaIN; the encoder is its layers 0..30, up to relu4_1), `decoder` (its mirror),
    `Stylizer` (frozen encoder + decoder), `load_stylizer`.
-2. Orthogonal noise (Eq. 3, Algorithm 1 line 4): `orthogonal_noise`, `mix_channels`.
+2. Orthogonal noise (Eq. 3, Algorithm 1 line 4): `orthogonal_noise` and the three readings of `--noise`
+   (`mix_channels`, `elementwise_noise`, `whitened_noise`, chosen by `perturb_style`; `DEFAULT_NOISE`).
 3. The ASH module (Eq. 2-3): `label_smoothing`, `ASHModule`; Eq. 4 in `Stylizer.stylize`.
 4. The discriminator of AdaptSegNet/CLAN: `FCDiscriminator`; losses `adversarial_loss` (Eq. 5),
    `content_loss`, `style_loss` (Eq. 7-9), `ash_loss` (Eq. 6).
 5. AdaIN decoder training for users without `decoder.pth` (`python ash.py train-decoder`):
    `decoder_losses`, `train_decoder`.
 6. Algorithm 1: `Algorithm1` (one object with G, ASH, D and their optimizers; `.step()` is lines
-   2-12), `train` (the CLI: data, run helpers, checkpoints, index.html), every ablation of
-   Tables 1-3, 5, 6 behind one switch.
-7. Evaluation as Tables 1-3 (`evaluate_tables`: per-class IoU over 19 classes, mIoU 19/16/13) and
-   the ToyCity demo (`demo`) and the seeded experiment of Tables 1/5 (`experiment`).
+   2-12; G's BatchNorm as CLAN: `freeze_bn_affine`, `running_stats_kept` for line 9), `PRESETS`
+   (`--preset paper|authors-code`), `train` (the CLI: data, run helpers, checkpoints, index.html),
+   every ablation of Tables 1-3, 5, 6 behind one switch.
+7. Evaluation as Tables 1-3 (`evaluate` at the label's resolution, `evaluate_tables`: per-class IoU
+   over 19 classes, mIoU 19/16/13) and the ToyCity demo (`demo`) and the seeded experiment of
+   Tables 1/5 (`experiment`, also over the readings of the noise).
 
 Run:
     python ash.py                        # demo on ToyCity: AdaIN decoder, source-only and ASH, mIoU
     python ash.py demo --iters 800 --size 64 128   # the demo with other lengths / sizes (see --help)
     python ash.py experiment [--quick]   # Tables 1/5 on ToyCity: 4 modes x 3 seeds, mean +- std
+    python ash.py experiment --modes stylize+noise ash --noises rotation elementwise whitened  # Table 5 rows 3-4
     python ash.py train-decoder --content DIR --styles DIR [--vgg vgg_normalised.pth]
     python ash.py --source gta5 --source-root GTA5 --target cityscapes --target-root CITYSCAPES \
         --styles PAINTER_BY_NUMBERS --vgg vgg_normalised.pth --decoder decoder.pth \
-        --pretrained resnet101-63fe2227.pth
+        --pretrained DeepLab_resnet_pretrained_init-f81d91e8.pth
     python ash.py ... --mode stylize+noise / --no-ls1 / --delta 0 / --uniform-semantics ...  # ablations
+    python ash.py ... --preset authors-code [--lambda-adv 0.01]   # the authors' code's weights (Table 4 sweep)
     torchrun --nproc_per_node 4 ash.py ...                    # DistributedDataParallel, same code
 
 Pretrained weights (never downloaded): `vgg_normalised.pth` and `decoder.pth` are published with
-pytorch-AdaIN (github.com/naoto0804/pytorch-AdaIN, "Download models"); the ResNet-101 ImageNet
-weights are torchvision's `resnet101-63fe2227.pth` (download.pytorch.org/models/).
+pytorch-AdaIN (github.com/naoto0804/pytorch-AdaIN, "Download models"); G's initialisation, as for the
+paper's and CLAN's numbers, is AdaptSegNet's MS-COCO-pretrained DeepLab-v2
+`DeepLab_resnet_pretrained_init-f81d91e8.pth` (github.com/wasidennis/AdaptSegNet) with
+`--backbone-style caffe`; torchvision's ImageNet `resnet101-63fe2227.pth` (download.pytorch.org/models/)
+with `--backbone-style torchvision`.
 """
 import argparse
+import inspect
 import math
 import os
 import sys
@@ -49,6 +58,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import metrics
 import segment
 
 # ---------------------------------------------------------------------------------------------
@@ -125,24 +135,27 @@ def decoder(width=64):
 
 
 ADAIN_URL = "https://github.com/naoto0804/pytorch-AdaIN (README, 'Download models')"
+DEEPLAB_INIT = "DeepLab_resnet_pretrained_init-f81d91e8.pth"       # G's initialisation (AdaptSegNet, CLAN, ASH)
+DEEPLAB_INIT_URL = ("the AdaptSegNet repository, github.com/wasidennis/AdaptSegNet (RESTORE_FROM in "
+                    "train_gta2cityscapes_multi.py: http://vllab.ucmerced.edu/ytsai/CVPR18/" + DEEPLAB_INIT + ")")
 
 
 def _read_checkpoint(path, what):
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what}: no file at {path}. It is published at {ADAIN_URL}; without it, "
+        raise data.MissingFile(f"{what}: no file at {path}. It is published at {ADAIN_URL}; without it, "
                                 "train one with `python ash.py train-decoder` (see its --help).")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{what}: cannot read {path} as a PyTorch checkpoint ({e})") from e
+        raise data.BadInput(f"{what}: cannot read {path} as a PyTorch checkpoint ({e})") from e
 
 
 def _load_strict(module, state, path, what):
     try:
         module.load_state_dict(state, strict=True)
     except (RuntimeError, KeyError) as e:
-        raise ValueError(f"{what}: {path} does not have the layout of pytorch-AdaIN's file ({e})") from e
+        raise data.BadInput(f"{what}: {path} does not have the layout of pytorch-AdaIN's file ({e})") from e
     return module
 
 
@@ -228,12 +241,84 @@ def orthogonal_noise(n, generator=None, device=None):
 def mix_channels(z, feat):
     """Z f: multiply the channel vector at every position of (N, C, H, W) features by Z (C, C).
 
-    For each position p, f'[:, p] = Z f[:, p], so all inner products <f[:, p], f[:, q]> between the
-    positions' channel vectors (the (HW, HW) matrix F^T F) are preserved exactly; the channel Gram
-    matrix F F^T becomes Z F F^T Z^T (same eigenvalues, trace, Frobenius norm), while the per-channel
-    means and standard deviations that AdaIN transfers change: a new style of the same "energy".
+    The `--noise rotation` reading. For each position p, f'[:, p] = Z f[:, p], so all inner products
+    <f[:, p], f[:, q]> between the positions' channel vectors (the (HW, HW) matrix F^T F) are preserved
+    exactly; the channel Gram matrix F F^T becomes Z F F^T Z^T (same eigenvalues, trace, Frobenius
+    norm), while the per-channel means and standard deviations that AdaIN transfers are scrambled
+    (on ReLU features, about half the channel means become negative): a new style of the same "energy".
     """
     return torch.einsum("ij,njhw->nihw", z.to(feat.dtype), feat)
+
+
+def elementwise_noise(feat, generator=None):
+    """The `--noise elementwise` reading (the authors' code as described in issue 13): f * (1 + V).
+
+    V (N, C, H, W): for every image and channel, the orthogonal factor U V^T of the SVD of a standard
+    normal (H, W) matrix (our reading of "V from an SVD of a normal matrix"; its rows, or columns, are
+    orthonormal). Every entry of V lies in [-1, 1], so 1 + V >= 0: ReLU features stay non-negative,
+    zeros stay zero (the support is kept), each element is scaled by a factor in [0, 2] whose mean
+    over positions is ~0. Channel means move little, stds more (a few to tens of percent, depending
+    on H*W): AdaIN sees a slightly different style each iteration.
+    """
+    device = generator.device if generator is not None else feat.device
+    a = torch.randn(feat.shape, generator=generator, device=device, dtype=torch.float32)
+    u, _, vh = torch.linalg.svd(a, full_matrices=False)                 # batched over (N, C)
+    v = (u @ vh).to(feat.device, feat.dtype)
+    return feat * (1 + v)
+
+
+def whitened_noise(feat, generator=None, rel_eps=1e-6):
+    """The `--noise whitened` reading, Deep Feature Perturbation's form ([35], Wang et al., CVPR 2020).
+
+    Per image: centre the features F (C, HW) on their channel means mu, whiten them in the eigenbasis
+    of their covariance E D E^T (kept to the k eigenvalues above rel_eps * max, so that all-zero ReLU
+    channels are handled exactly), rotate the k whitened coordinates by a Haar-random Z (k, k), and
+    recolour: f' = E_k D_k^(1/2) Z D_k^(-1/2) E_k^T (F - mu) + mu.
+
+    Exactly kept: the channel means and the whole channel covariance (hence every channel's std);
+    changed: which positions carry which feature vector (the spatial arrangement). NOTE: AdaIN
+    (Eq. 1) reads only the channel means and stds, so AdaIN(f_src, whitened_noise(f)) == AdaIN(f_src, f):
+    with `--mode stylize+noise` this reading is the same computation as `--mode stylize` (Table 5
+    rows 2 and 3 coincide). Only the ASH module, whose gamma / beta vary over positions (Eq. 3), sees
+    the difference (L_s1 / L_s2 read channel means and stds too).
+    """
+    n, c = feat.shape[:2]
+    flat = feat.reshape(n, c, -1).double()
+    mu = flat.mean(2, keepdim=True)
+    centred = flat - mu
+    out = []
+    for i in range(n):
+        cov = centred[i] @ centred[i].T / max(centred.shape[2] - 1, 1)
+        evals, evecs = torch.linalg.eigh(cov)
+        keep = evals > rel_eps * evals.max().clamp(min=1e-30)
+        e, d = evecs[:, keep], evals[keep]
+        white = (e.T @ centred[i]) / d.sqrt()[:, None]                  # (k, HW), covariance I_k
+        z = orthogonal_noise(e.shape[1], generator).double()             # Eq. (3)'s Z on whitened features
+        out.append(e @ (d.sqrt()[:, None] * (z @ white)))               # recolour: covariance E_k D_k E_k^T
+    return (torch.stack(out) + mu).to(feat.dtype).reshape(feat.shape)
+
+
+NOISES = ("rotation", "elementwise", "whitened")
+# The default reading of the orthogonal noise (one place; see docs/ash.md, "Orthogonal noise"). The text
+# cites [35] and says the noise keeps the "inherent style information" while "increasing the diversity
+# of the style features"; Table 5 reports row 3 (+ noise) above row 2 (stylization only). `whitened`
+# keeps the style exactly but, AdaIN reading only means / stds, makes row 3 identical to row 2;
+# `rotation` scrambles the channel statistics AdaIN transfers. `elementwise` (the authors' code) keeps
+# most of the style (means ~1%) while diversifying it, and can make rows 2 and 3 differ.
+DEFAULT_NOISE = "elementwise"
+
+
+def perturb_style(f_style, noise=DEFAULT_NOISE, generator=None):
+    """Algorithm 1 line 4: "multiply the style features with an orthogonal noise matrix Z", in one of the
+    readings `NOISES` (see `mix_channels`, `elementwise_noise`, `whitened_noise`); fresh every call."""
+    if noise == "rotation":
+        z = orthogonal_noise(f_style.shape[1], generator, device=f_style.device)
+        return mix_channels(z, f_style)
+    if noise == "elementwise":
+        return elementwise_noise(f_style, generator)
+    if noise == "whitened":
+        return whitened_noise(f_style, generator)
+    raise data.BadInput(f"--noise must be one of {', '.join(NOISES)}; got {noise!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,6 +416,13 @@ def ash_loss(l_adv, f_src, f_style, f_merged, use_lc=True, use_ls1=True, use_ls2
     objective is unbounded below. L_s1 compares with Z f_style, the style image's features before
     the ASH transform (as the authors' code): against f'_style itself it would be zero by
     construction of AdaIN. `weight` scales L_c, L_s1, L_s2 (1 in Eq. 6).
+
+    L_c and L_s2 nearly cancel (issue 13 §4; a property of Eq. 6-9, the authors' code has it too): both
+    compare AdaIN(f_src, f'_style) with f_src at relu4_1, and per channel
+    |AdaIN(f_src, s) - f_src|^2 averaged over positions = (mu_s - mu_src)^2 + (sigma_s - sigma_src)^2 up
+    to the (HW - 1) / HW of the unbiased variance and eps, i.e. L_c = L_s2 to within ~1/HW. With the
+    signs + L_c - L_s2 their gradients cancel, so Eq. (6) acts as -L_adv + L_s1, and Table 6's row
+    "L_c, L_s1, L_s2" is, to that precision, the row "L_s1 only". We keep the equations as printed.
     Returns (loss, {"l_c", "l_s1", "l_s2"}).
     """
     f_src, f_style = f_src.detach(), f_style.detach()
@@ -527,12 +619,51 @@ class frozen:
             p.requires_grad_(True)
 
 
+BATCHNORMS = (nn.modules.batchnorm._BatchNorm,)
+
+
+def freeze_bn_affine(model):
+    """BatchNorm as in CLAN / AdaptSegNet: the affine weight and bias of every BN layer are not trained
+    (requires_grad False, so no optimizer, no weight decay touches them). Returns the frozen parameters."""
+    params = [p for m in model.modules() if isinstance(m, BATCHNORMS) for p in (m.weight, m.bias) if p is not None]
+    for p in params:
+        p.requires_grad_(False)
+    return params
+
+
+class running_stats_kept:
+    """Context: the BatchNorm layers of `modules` normalise with batch statistics as in training, but
+    their running statistics (and counters) are restored on exit: a forward pass that only serves
+    another network's update (Algorithm 1 line 9) leaves no trace in G's evaluation statistics."""
+
+    def __init__(self, *modules):
+        self.layers = [m for module in modules for m in module.modules() if isinstance(m, BATCHNORMS)]
+
+    def __enter__(self):
+        # the layers update copies (the originals are swapped back on exit, not overwritten in place: the
+        # autograd graph of this pass holds the copies, which a later backward checks for in-place changes)
+        self.saved = []
+        for m in self.layers:
+            self.saved.append(dict(m.named_buffers(recurse=False)))
+            for k, v in self.saved[-1].items():
+                setattr(m, k, v.clone())
+
+    def __exit__(self, *exc):
+        for m, saved in zip(self.layers, self.saved):
+            for k, v in saved.items():
+                setattr(m, k, v)
+
+
 class Algorithm1:
     """The three players of ASH, their optimizers, and `step()`: one iteration of Algorithm 1.
 
     G: the segmenter (DeepLab-v2), SGD; ASH: the ASHModule, SGD; D: the FCDiscriminator, Adam;
     the Stylizer (AdaIN encoder/decoder) is frozen. Any of them may be wrapped in DDP (`run.wrap`).
     With --mode baseline only line 10 runs; "stylize" drops lines 4-6 and 9, "stylize+noise" lines 5-6, 9.
+    BatchNorm as CLAN / AdaptSegNet (issue 13 §3): G's BN weight and bias are frozen (`--bn-affine
+    frozen`, outside every optimizer, so no weight decay), and the line-9 pass through G normalises with
+    batch statistics but leaves G's running statistics as they were; lines 10 and 11 update them.
+    The learning rates follow the poly schedule times the warm-up of `--warmup` (0 in the paper preset).
     """
 
     def __init__(self, G, ash, D, stylizer, args, autocast=None, scaler=None):
@@ -540,7 +671,11 @@ class Algorithm1:
         self.autocast = autocast or (lambda: torch.autocast("cpu", enabled=False))
         self.scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
         sgd = dict(momentum=args.momentum, weight_decay=args.weight_decay)
-        self.optimizers = {"G": torch.optim.SGD(segment.unwrap(G).param_groups(args.lr), lr=args.lr, **sgd)}
+        if args.bn_affine == "frozen":                                  # CLAN / AdaptSegNet (Sec. 4.2: "as [22]")
+            freeze_bn_affine(segment.unwrap(G))
+        groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]}
+                  for g in segment.unwrap(G).param_groups(args.lr)]
+        self.optimizers = {"G": torch.optim.SGD(groups, lr=args.lr, **sgd)}
         if ash is not None:
             self.optimizers["ash"] = torch.optim.SGD(ash.parameters(), lr=args.lr, **sgd)
         if D is not None:
@@ -574,8 +709,7 @@ class Algorithm1:
             f_src = sty.encode(x_src).float()                           # line 2: (N, 512, H/8, W/8)
             f_style = sty.encode(x_style).float()                       # line 3
         if a.mode != "stylize":
-            z = orthogonal_noise(f_style.shape[1], device=f_style.device)  # line 4: fresh Z every iteration
-            f_style = mix_channels(z, f_style)
+            f_style = perturb_style(f_style, a.noise)                   # line 4: a fresh Z every iteration
         f_style_p = self.ash(f_style, semantics) if a.mode == "ash" else f_style  # lines 5-6 (Eq. 2-3)
         with self.autocast():
             x_stylized, f_merged = sty.stylize(f_src, f_style_p, a.alpha)  # lines 7-8 (Eq. 1, 4)
@@ -589,7 +723,7 @@ class Algorithm1:
         G_, D_ = segment.unwrap(G), segment.unwrap(D) if D is not None else None
         for opt in self.optimizers.values():
             for group in opt.param_groups:
-                group["lr"] = segment.poly_lr(group["base_lr"], it, a.iters, a.power)
+                group["lr"] = segment.poly_lr(group["base_lr"], it, a.iters, a.power) * warmup_factor(it, a)
             opt.zero_grad(set_to_none=True)
         out = {}
 
@@ -609,9 +743,10 @@ class Algorithm1:
         if a.mode == "ash":
             # Algorithm 1, line 9: the ASH module maximises the adversarial loss of Eq. (5) through
             # the frozen decoder, G and D, within the style budget of L_c, L_s1, L_s2 (Eq. 6).
-            with frozen(G_, D_), self.autocast():
+            # G's BatchNorm running statistics are kept out of this pass (CLAN's BN handling, issue 13 §3).
+            with frozen(G_, D_), running_stats_kept(G_), self.autocast():
                 l_adv = adversarial_loss(D_(F.softmax(G_(x_stylized), dim=1)).float(), source=True)
-            loss_ash, terms = ash_loss(a.lambda_adv_ash * l_adv, f_src, f_style, f_merged,
+            loss_ash, terms = ash_loss(ash_adv_weight(a, it) * l_adv, f_src, f_style, f_merged,
                                        use_lc=not a.no_lc, use_ls1=not a.no_ls1, use_ls2=not a.no_ls2,
                                        weight=a.lambda_sub)
             self.scaler.scale(loss_ash).backward()
@@ -666,9 +801,63 @@ class Algorithm1:
             opt.load_state_dict(state[f"opt_{k}"])
 
 
+# Weights of the ASH loss and the learning-rate schedule: the paper's reading (default) and the authors'
+# code's (issue 13 §2). An option given on the command line wins over its preset.
+PRESETS = {
+    "paper": {"lambda_adv_ash": 1.0,        # Eq. (6): -L_adv unweighted
+              "lambda_sub": 1.0,            # Eq. (6): L_c, L_s1, L_s2 unweighted
+              "adv_damping": False,         # no schedule on ASH's adversarial weight
+              "warmup": 0.0},               # Sec. 4.2: poly schedule only
+    "authors-code": {"lambda_adv_ash": "tied",   # ASH's adversarial weight = lambda_adv (0.001, Table 4)
+                     "lambda_sub": 1e-8,         # content / style terms at 1e-8
+                     "adv_damping": True,        # ... times (1 - i / N)
+                     "warmup": 0.05},            # linear lr warm-up over the first 5% of iterations
+}
+
+
+def tied_or_float(text):
+    if text == "tied":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'tied', got {text!r}") from None
+
+
+def apply_preset(args):
+    """Fill the options left unset (None) from `PRESETS[args.preset]`; returns args."""
+    if args.preset not in PRESETS:
+        raise data.BadInput(f"--preset must be one of {', '.join(PRESETS)}; got {args.preset!r}")
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args
+
+
+def ash_adv_weight(args, it):
+    """The weight of L_adv in the ASH module's loss (Eq. 6, line 9) at iteration `it`: --lambda-adv-ash,
+    or lambda_adv itself with 'tied' (the authors' code, so that Table 4's sweep moves G's and ASH's
+    adversarial weights together), times (1 - it / iters) with --adv-damping (the authors' code)."""
+    weight = args.lambda_adv if args.lambda_adv_ash == "tied" else args.lambda_adv_ash
+    return weight * (1 - it / args.iters) if args.adv_damping else weight
+
+
+def warmup_factor(it, args):
+    """Linear learning-rate warm-up over the first `--warmup` fraction of the iterations (1 after it)."""
+    steps = args.warmup * args.iters
+    return min(1.0, (it + 1) / steps) if steps >= 1 else 1.0
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the presets applied after parsing (every caller of parser().parse_args gets them)."""
+
+    def parse_args(self, args=None, namespace=None):
+        return apply_preset(super().parse_args(args, namespace))
+
+
 def parser():
     """The command line of Algorithm 1; defaults are the paper's (Sec. 4.2, Table 4)."""
-    p = argparse.ArgumentParser(description="ASH (Tjio et al.), Algorithm 1. `python ash.py` alone runs the "
+    p = Parser(description="ASH (Tjio et al.), Algorithm 1. `python ash.py` alone runs the "
                                 "ToyCity demo; `python ash.py train-decoder -h` trains an AdaIN decoder.")
     g = p.add_argument_group("data")
     g.add_argument("--source", choices=["gta5", "synthia", "toycity"], default="gta5", help="source domain")
@@ -681,11 +870,30 @@ def parser():
     g.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"),
                    help="training size of source (and style) images; Sec. 4.2: GTA5 720 1280, SYNTHIA 760 1280")
     g.add_argument("--eval-size", type=int, nargs=2, default=(512, 1024), metavar=("H", "W"),
-                   help="evaluation size (the authors' code: Cityscapes at 512 x 1024)")
+                   help="input size of evaluation (the authors' code: Cityscapes at 512 x 1024); the logits are "
+                        "upsampled to the label's own resolution")
+    g.add_argument("--eval-labels", choices=["full", "resized"], default="full",
+                   help="score at the label files' resolution (full, the benchmark's) or on labels resized "
+                        "(nearest) to the input size (resized: faster, not comparable with the paper)")
+    g.add_argument("--source-split", default="all",
+                   help="GTA5 / SYNTHIA images to train on: 'all' (every image, domain generalisation) or a split "
+                        "(GTA5: split.mat's train / val / test, else <root>/<split>.txt)")
+    g.add_argument("--source-split-file", default=None, help="train only on the image names listed in this file")
+    g.add_argument("--source-val-file", default=None,
+                   help="GTA5 / SYNTHIA images to evaluate on (a list of names); default: the val split where "
+                        "one exists (split.mat / val.txt), else the source evaluation is skipped")
+    g.add_argument("--no-source-val", action="store_true", help="never evaluate on the source domain")
     g = p.add_argument_group("networks")
     g.add_argument("--depth", type=int, default=101, choices=[18, 34, 50, 101],
                    help="ResNet depth of DeepLab-v2 (paper: 101)")
-    g.add_argument("--pretrained", default=None, help="torchvision ImageNet ResNet checkpoint (resnet101-63fe2227.pth)")
+    g.add_argument("--backbone-style", choices=["torchvision", "caffe"], default=None,
+                   help="DeepLab-v2's ResNet: 'caffe' (AdaptSegNet / CLAN: stride in the first 1x1 conv, frozen BN; "
+                        "default on GTA5 / SYNTHIA) or 'torchvision' (default on ToyCity)")
+    g.add_argument("--pretrained", default=None,
+                   help=f"initial weights of G. caffe: {DEEPLAB_INIT} (MS-COCO-pretrained DeepLab-v2, the start of "
+                        f"the paper's and CLAN's numbers), published in {DEEPLAB_INIT_URL}; "
+                        "torchvision: resnet101-63fe2227.pth (download.pytorch.org/models/; ImageNet only, not "
+                        "comparable with the paper's 36.6 source-only)")
     g.add_argument("--vgg", default=None, help="vgg_normalised.pth of pytorch-AdaIN (or of `ash.py train-decoder`)")
     g.add_argument("--decoder", default=None, help="decoder.pth of pytorch-AdaIN (or of `ash.py train-decoder`)")
     g = p.add_argument_group("optimisation (Sec. 4.2)")
@@ -701,11 +909,29 @@ def parser():
     g = p.add_argument_group("ASH (Sec. 3.3)")
     g.add_argument("--lambda-adv", type=float, default=0.001,
                    help="weight of the adversarial loss in G's objective, line 11 (Table 4: 0.001)")
-    g.add_argument("--lambda-adv-ash", type=float, default=1.0,
-                   help="weight of L_adv in the ASH loss (Eq. 6: 1; the authors' code: lambda-adv)")
-    g.add_argument("--lambda-sub", type=float, default=1.0,
-                   help="weight of L_c, L_s1, L_s2 in the ASH loss (Eq. 6: 1; the authors' code: 1e-8)")
+    g.add_argument("--preset", choices=list(PRESETS), default="paper",
+                   help="weights of Eq. (6) and lr schedule: 'paper' (Eq. 6 unweighted, poly) or 'authors-code' "
+                        "(ASH's adversarial weight tied to lambda_adv with (1 - i/N) damping, L_c / L_s1 / L_s2 "
+                        "at 1e-8, lr warm-up); the options below override it")
+    g.add_argument("--lambda-adv-ash", type=tied_or_float, default=None,
+                   help="weight of L_adv in the ASH loss, a number or 'tied' (= --lambda-adv, so that a sweep of "
+                        "--lambda-adv moves G's and ASH's adversarial weights together, as the authors' Table 4); "
+                        "paper preset: 1, authors-code: tied")
+    g.add_argument("--lambda-sub", type=float, default=None,
+                   help="weight of L_c, L_s1, L_s2 in the ASH loss (paper preset: 1; authors-code: 1e-8)")
+    g.add_argument("--adv-damping", action=argparse.BooleanOptionalAction, default=None,
+                   help="multiply ASH's adversarial weight by (1 - i/N) (paper preset: off; authors-code: on)")
+    g.add_argument("--warmup", type=float, default=None,
+                   help="fraction of the iterations with a linear lr warm-up before the poly schedule "
+                        "(paper preset: 0; authors-code: 0.05)")
+    g.add_argument("--bn-affine", choices=["frozen", "trained"], default="frozen",
+                   help="G's BatchNorm weight / bias: frozen as CLAN / AdaptSegNet (default) or trained")
     g.add_argument("--delta", type=float, default=1.0, help="delta of Eq. (3) (paper: 1; Table 3: 0)")
+    g.add_argument("--noise", choices=NOISES, default=DEFAULT_NOISE,
+                   help="reading of the orthogonal noise Z of Eq. (3) / Algorithm 1 line 4: rotation of the raw "
+                        "channels; elementwise f * (1 + V) (the authors' code); whitened (Deep Feature "
+                        "Perturbation [35]: keeps the channel mean and covariance exactly, so with --mode "
+                        f"stylize+noise it equals --mode stylize). Default {DEFAULT_NOISE} (docs/ash.md)")
     g.add_argument("--alpha", type=float, default=0.5, help="weight of AdaIN features in Eq. (4) (paper: 0.5)")
     g.add_argument("--label-smoothing", type=float, default=0.1,
                    help="epsilon of the label smoothing (authors' code: 0.1)")
@@ -730,36 +956,82 @@ def parser():
 TRAIN_SIZE = {"gta5": (720, 1280), "synthia": (760, 1280), "toycity": (128, 256)}  # Sec. 4.2 (H, W)
 
 
+def source_val(args, size):
+    """The source domain's val split where one exists (GTA5: split.mat's valIds or val.txt; SYNTHIA:
+    val.txt; or --source-val-file), else None with one line saying evaluation on the source is skipped.
+    Domain generalisation trains on every source image (split 'all'), so most trees have none."""
+    reader = data.GTA5 if args.source == "gta5" else data.Synthia
+    try:
+        if args.source_val_file:
+            return reader(args.source_root, "all", size=size, full_labels=args.eval_labels == "full",
+                          split_file=args.source_val_file)
+        return reader(args.source_root, "val", size=size, full_labels=args.eval_labels == "full")
+    except data.MissingFile as e:
+        if args.source_val_file:
+            raise
+        print(f"[ash] no {args.source} val split in {args.source_root} (split.mat / val.txt): evaluation on the "
+              "source domain skipped", flush=True)
+        return None
+
+
 def datasets(args):
-    """(source train set, style set, {name: evaluation set}) for the command line's choices."""
+    """(source train set, style set, {name: evaluation set}) for the command line's choices.
+
+    Evaluation sets resize the input only (`--eval-size`; ToyCity: the training size); labels keep their
+    file's resolution and the logits are upsampled to them (`evaluate_tables`), unless --eval-labels resized."""
     size = tuple(args.size or TRAIN_SIZE[args.source])
     flip = data.RandomFlip()
+    full = args.eval_labels == "full"
     needs_toy = (args.source == "toycity" and not (args.source_root and args.styles)) or \
         (args.target == "toycity" and not args.target_root)
     toy = data.toycity() if needs_toy else None
+    evals = {}
     if args.source == "toycity":
         source_root = Path(args.source_root or toy / "source")
         source = data.Cityscapes(source_root, "train", size=size, transform=flip)
+        evals["toycity-source"] = data.Cityscapes(source_root, "val", size=size, full_labels=full)
     elif not args.source_root:
-        raise ValueError(f"--source {args.source} needs --source-root")
+        raise data.UserError(f"--source {args.source} needs --source-root (the dataset's folder)")
     else:
         reader = data.GTA5 if args.source == "gta5" else data.Synthia
-        source = reader(args.source_root, size=size, transform=flip)
+        source = reader(args.source_root, args.source_split, size=size, transform=flip,
+                        split_file=args.source_split_file)
+        val = None if args.no_source_val else source_val(args, tuple(args.eval_size))
+        if val is not None:
+            evals[f"{args.source}-val"] = val
     styles = args.styles or (toy / "paintings" if args.source == "toycity" else None)
     if styles is None:
-        raise ValueError("--styles DIR is needed (a folder of paintings, e.g. Painter by Numbers)")
-    evals = {}
-    if args.source == "toycity":
-        evals["toycity-source"] = data.Cityscapes(source_root, "val", size=size)
+        raise data.UserError("--styles DIR is needed (a folder of paintings, e.g. Painter by Numbers)")
     if args.target == "toycity":
-        evals["toycity-target"] = data.Cityscapes(args.target_root or toy / "target", "val", size=size)
+        target_root = args.target_root or toy / "target"
+        evals["toycity-target"] = data.Cityscapes(target_root, "val", size=size, full_labels=full)
     elif not args.target_root:
-        raise ValueError(f"--target {args.target} needs --target-root")
+        raise data.UserError(f"--target {args.target} needs --target-root (the dataset's folder)")
     elif args.target == "cityscapes":
-        evals["cityscapes"] = data.Cityscapes(args.target_root, "val", size=tuple(args.eval_size))
+        evals["cityscapes"] = data.Cityscapes(args.target_root, "val", size=tuple(args.eval_size), full_labels=full)
     else:
-        evals["mapillary"] = data.Mapillary(args.target_root, "val", size=tuple(args.eval_size))
+        evals["mapillary"] = data.Mapillary(args.target_root, "val", size=tuple(args.eval_size), full_labels=full)
     return source, data.StyleFolder(styles, size=size), evals
+
+
+@torch.no_grad()
+def evaluate(model, loader, device):
+    """One confusion matrix over the loader, scored at each label's own resolution: the network runs on
+    the (resized) input, its logits are upsampled bilinearly to the label's size (labels are never
+    resized here). Runs in eval mode and hands the model back in the mode it came in."""
+    was_training = model.training
+    model.eval()
+    cm = metrics.ConfusionMatrix(data.NUM_CLASSES)
+    try:
+        for batch in loader:
+            logits = model(batch["image"].to(device)).float()
+            labels = batch["labels"]
+            if logits.shape[-2:] != labels.shape[-2:]:
+                logits = segment.upsample(logits, labels.shape[-2:])
+            cm.update(logits.argmax(1).cpu(), labels)
+    finally:
+        model.train(was_training)
+    return cm
 
 
 def evaluate_tables(G, loaders, device):
@@ -769,20 +1041,45 @@ def evaluate_tables(G, loaders, device):
     """
     results = {}
     for name, loader in loaders.items():
-        cm = segment.evaluate(segment.unwrap(G), loader, device)
+        cm = evaluate(segment.unwrap(G), loader, device)
         results[name] = {f"miou{k}": 100 * cm.miou(k) for k in ("19", "16", "13")}
         print(f"== {name} ({len(loader.dataset)} images) ==\n{cm.table(data.CLASS_NAMES)}", flush=True)
     return results
 
 
+def backbone_style(args):
+    """--backbone-style, or its default: 'caffe' (AdaptSegNet / CLAN's DeepLab-v2, the paper's start, Sec. 4.2
+    and Table 5's CLAN baseline) on real data, 'torchvision' on ToyCity (trained from scratch)."""
+    return args.backbone_style or ("torchvision" if args.source == "toycity" else "caffe")
+
+
+def deeplab(args):
+    """G: DeepLab-v2 from segment.py. With --backbone-style caffe, segment.DeepLabV2(..., style="caffe") (Caffe
+    ResNet, CLAN's dilations, frozen BN; --pretrained reads AdaptSegNet's DEEPLAB_INIT); with torchvision, the
+    torchvision-layout ResNet (--pretrained: torchvision's resnet101-63fe2227.pth)."""
+    style = backbone_style(args)
+    if style == "caffe" and "style" not in inspect.signature(segment.DeepLabV2).parameters:
+        if args.backbone_style == "caffe":
+            raise data.UserError("--backbone-style caffe needs segment.DeepLabV2(style='caffe'), which this "
+                                 "segment.py does not have yet; use --backbone-style torchvision")
+        print("[ash] this segment.py has no Caffe-style DeepLab-v2 (AdaptSegNet / CLAN): using the torchvision "
+              "layout (--backbone-style torchvision)", flush=True)
+        style = "torchvision"
+    if style == "torchvision":
+        return segment.DeepLabV2(data.NUM_CLASSES, args.depth, pretrained=args.pretrained)
+    return segment.DeepLabV2(data.NUM_CLASSES, args.depth, style=style, pretrained=args.pretrained)
+
+
 def check_args(args):
     ash_only = [f for f in ("no_lc", "no_ls1", "no_ls2", "uniform_semantics", "gt_conditioning") if getattr(args, f)]
     if ash_only and args.mode != "ash":
-        raise ValueError(f"--{ash_only[0].replace('_', '-')} is an ablation of the ASH module: it needs --mode ash")
+        raise data.BadInput(f"--{ash_only[0].replace('_', '-')} is an ablation of the ASH module: it needs --mode ash")
     if args.seg_loss_stylized and args.mode == "baseline":
-        raise ValueError("--seg-loss-stylized needs stylized images: not with --mode baseline")
+        raise data.BadInput("--seg-loss-stylized needs stylized images: not with --mode baseline")
     if args.uniform_semantics and args.gt_conditioning:
-        raise ValueError("--uniform-semantics and --gt-conditioning are two different ablations; choose one")
+        raise data.BadInput("--uniform-semantics and --gt-conditioning are two different ablations; choose one")
+    if not 0 <= args.warmup <= 1:
+        raise data.BadInput(f"--warmup is a fraction of the iterations, 0..1; got {args.warmup}")
 
 
 def build(args, device="cpu", stylizer=None, segmenter=None, run=None):
@@ -793,13 +1090,13 @@ def build(args, device="cpu", stylizer=None, segmenter=None, run=None):
     wrap = run.wrap if run is not None else (lambda m: m.to(device))
     if stylizer is None and args.mode != "baseline":
         if not (args.vgg and args.decoder):
-            raise ValueError("--vgg and --decoder are needed to stylize (pytorch-AdaIN's vgg_normalised.pth and "
+            raise data.UserError("--vgg and --decoder are needed to stylize (pytorch-AdaIN's vgg_normalised.pth and "
                              "decoder.pth, or the output of `python ash.py train-decoder`)")
         stylizer = load_stylizer(args.vgg, args.decoder)
     if stylizer is not None:
         stylizer = stylizer.to(device)
     if segmenter is None:
-        segmenter = segment.DeepLabV2(data.NUM_CLASSES, args.depth, pretrained=args.pretrained)
+        segmenter = deeplab(args)
     G = wrap(segmenter)
     ash = wrap(ASHModule(data.NUM_CLASSES, stylizer.channels, delta=args.delta)) if args.mode == "ash" else None
     D = wrap(FCDiscriminator(data.NUM_CLASSES)) if args.mode != "baseline" else None
@@ -898,9 +1195,9 @@ def demo_stylizer(d, adain_dir):
     return adain_dir
 
 
-def demo_args(d, mode, adain_dir, out, name, seed=0, resume=""):
+def demo_args(d, mode, adain_dir, out, name, seed=0, resume="", noise=None):
     """Algorithm 1 options at demo scale (ToyCity source -> target, DeepLab-v2 ResNet-`d.depth`)."""
-    return parser().parse_args([
+    return parser().parse_args([*(["--noise", noise] if noise else []),
         "--source", "toycity", "--target", "toycity", "--mode", mode, "--depth", str(d.depth),
         "--size", *map(str, d.size), "--iters", str(d.iters), "--batch-size", str(d.batch_size),
         "--lr", str(d.lr), "--vgg", str(adain_dir / "vgg_normalised.pth"),
@@ -927,6 +1224,9 @@ def demo(argv=()):
 
 
 EXPERIMENT_MODES = ("baseline", "stylize", "stylize+noise", "ash")  # the rows of Tables 1 and 5
+# What changed Algorithm 1's results since the last stored experiments (issue 13): the noise readings,
+# CLAN's BatchNorm handling, evaluation at the label's resolution.
+EXPERIMENT_VERSION = "issue-13: --noise, frozen BN affine, line-9 BN statistics kept, eval at label resolution"
 
 
 def experiment_parser():
@@ -937,6 +1237,9 @@ def experiment_parser():
     p.set_defaults(out="runs/ash-experiment", iters=300)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of Algorithm 1 (>= 3 for a std)")
     p.add_argument("--modes", nargs="+", default=list(EXPERIMENT_MODES), choices=EXPERIMENT_MODES)
+    p.add_argument("--noises", nargs="+", default=[DEFAULT_NOISE], choices=NOISES,
+                   help="readings of the orthogonal noise for the modes that use it (stylize+noise, ash); "
+                        "several: one row per mode x noise (Table 5 rows 3-4 under each reading)")
     p.add_argument("--quick", action="store_true",
                    help="a sixth of the iterations, a quarter of the decoder's (a smoke test)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -954,19 +1257,24 @@ def experiment(argv=()):
         torch.set_num_threads(d.threads)
     segment.announce_demo("ash")
     out = Path(d.out)
-    settings = {k: v for k, v in vars(d).items() if k not in ("out", "device", "threads", "modes")}
+    settings = {k: v for k, v in vars(d).items() if k not in ("out", "device", "threads", "modes", "noises")}
+    settings["algorithm1"] = EXPERIMENT_VERSION         # runs of an older Algorithm 1 are not reused
     exp = segment.Experiment(out, "ASH (Tables 1, 5) on ToyCity: source -> unseen target", settings)
     adain_dir = out / "adain"
     exp.cell("adain", lambda: {"dir": str(demo_stylizer(d, adain_dir))})
-    results = {}
+    results, labels = {}, []
+    for mode in d.modes:               # rows: (label, mode, noise); the noise only where the mode draws one
+        noises = d.noises if mode in ("stylize+noise", "ash") else [None]
+        labels += [(mode if len(noises) == 1 else f"{mode} ({noise})", mode, noise) for noise in noises]
     for seed in d.seeds:
-        for mode in d.modes:
-            name = f"{mode.replace('+', '-')}-s{seed}"
-            results[mode, seed] = exp.cell(name, lambda: train(demo_args(d, mode, adain_dir, out, name, seed, "auto")))
+        for label, mode, noise in labels:
+            name = f"{mode.replace('+', '-')}{'-' + noise if noise else ''}-s{seed}"  # the noise in the cell name
+            results[label, seed] = exp.cell(name, lambda: train(demo_args(d, mode, adain_dir, out, name, seed, "auto",
+                                                                          noise)))
     rows = []
-    for mode in d.modes:
-        runs = [results[mode, s] for s in d.seeds]
-        rows.append((mode, [[r[f"toycity-{dom}"][key] for r in runs]
+    for label, _, _ in labels:
+        runs = [results[label, s] for s in d.seeds]
+        rows.append((label, [[r[f"toycity-{dom}"][key] for r in runs]
                             for dom in ("target", "source") for key in ("miou19", "miou16", "miou13")]))
     exp.table(["mode", "target mIoU19", "target mIoU16", "target mIoU13",
                "source mIoU19", "source mIoU16", "source mIoU13"], rows,
@@ -974,7 +1282,7 @@ def experiment(argv=()):
                    f"{d.size[0]}x{d.size[1]}, seeds {d.seeds}; target = ToyCity target val (never seen in training).")
     last = f"{d.iters:07d}.png"
     figure = out / "stylized.png"
-    pictures = [out / f"{m.replace('+', '-')}-s{d.seeds[0]}" / "images" / last for m in ("stylize", "ash")]
+    pictures = [out / f"{m}-s{d.seeds[0]}" / "images" / last for m in ("stylize", f"ash-{d.noises[0]}")]
     pictures = [p for p in pictures if p.is_file()]
     if pictures:
         data.write_image(figure, torch.cat([data.read_image(p) for p in pictures], 1))
