@@ -1398,7 +1398,7 @@ def add_eval_args(p):
     g = p.add_argument_group("evaluation")
     g.add_argument("--segmenter", default=None, help="weights of the segmenter that scores generated images (mIoU, "
                    "C.1.2; see --segmenter-model); the demo trains one on real ToyCity when absent")
-    g.add_argument("--segmenter-model", default=None, choices=list(segment.MODELS) + list(EVALUATORS),
+    g.add_argument("--segmenter-model", default=None, choices=list(dict.fromkeys([*segment.MODELS, *EVALUATORS])),
                    help="architecture of --segmenter: a published evaluator (segment.load_evaluator) or a "
                         "segment.py model; default: the paper's evaluator of --dataset (C.1.2: DRN-D-105 for "
                         "Cityscapes, UperNet-101 for ADE20K, DeepLab-v2 for COCO-Stuff; toycity: deeplabv3plus-r18)")

@@ -197,7 +197,7 @@ def _matmul_gflops(n=2048):
 
 def _coarse_step(device):
     """A G_coarse + D update (Eq. A7 with L_VGG on random features) at 256x512, batch 1, SegFormer-B0,
-    Table A1 widths (ngf 64, 9 SPADE blocks), built on `device` ("meta": shapes only)."""
+    Table A1 widths (ngf 64, the Cityscapes preset's 3 SPADE blocks, Table A11), built on `device` ("meta": shapes only)."""
     args = robusta.options_from_preset("cityscapes")
     args.segformer = "b0"
     run = type("Run", (), {"autocast": lambda self: torch.autocast("cpu", enabled=False),
@@ -222,7 +222,7 @@ def bench_gcoarse_training_step(report):
     flops = counter.get_total_flops()
     seconds = timeit(_coarse_step("cpu"), runs=3, warmup=0)  # minutes a step: the median drops the cold one
     matmul = _matmul_gflops()
-    report("robusta G_coarse+D training step 256x512 b1 (SegFormer-B0, ngf 64, 9 blocks)", seconds, "s")
+    report("robusta G_coarse+D training step 256x512 b1 (SegFormer-B0, ngf 64, 3 blocks)", seconds, "s")
     report("robusta G_coarse+D training step achieved", flops / seconds / 1e9, "GFLOP/s")
     report("robusta G_coarse+D step / fp32 matmul 2048^3 GFLOP/s", flops / seconds / 1e9 / matmul, "fraction")
 
