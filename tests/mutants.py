@@ -69,6 +69,42 @@ add("labels-resized-bilinear", "data.py", 'size=size, mode="nearest-exact")[0, 0
     'size=size, mode="bilinear")[0, 0].round().to(value.dtype)', "label maps resized by interpolation", D)
 
 
+# ---- robusta.py --------------------------------------------------------------------------------
+R = ["tests/test_robusta.py"]
+add("D-real-detached", "robusta.py", "d_real = [[f[n:] for f in feats] for feats in outputs]",
+    "d_real = [[f[n:].detach() for f in feats] for feats in outputs]",
+    "D's loss gets no gradient from real pairs (the issue-12 bug)", R)
+add("D-no-step", "robusta.py", "    run.scaler.step(opt_d)\n", "",
+    "D's optimizer never steps", R)
+add("G-adv-detached", "robusta.py", "generator_loss(d(label, fake), d_real,",
+    "generator_loss(d(label, fake.detach()), d_real,", "G's adversarial / FM path detached from G", R)
+add("FM-targets-old-D", "robusta.py", "            d_real = d(label, real)  # targets of Eq. (A4), from the updated D\n",
+    "            pass\n", "FM targets taken from D before its update", R)
+add("D-targets-flipped", "robusta.py", "loss_d = discriminator_loss(d_real, d_fake, mode)",
+    "loss_d = discriminator_loss(d_fake, d_real, mode)", "D's real / fake targets swapped", R)
+
+# ---- ash.py ------------------------------------------------------------------------------------
+A = ["tests/test_ash.py"]
+add("noise-elementwise-off", "ash.py", "    return feat * (1 + v)\n", "    return feat\n",
+    "the element-wise noise does nothing", A)
+add("bn-affine-trained", "ash.py", "    for p in params:\n        p.requires_grad_(False)\n    return params",
+    "    return params", "BN affine parameters trained (CLAN freezes them)", A)
+add("line9-updates-running-stats", "ash.py",
+    "        for m, saved in zip(self.layers, self.saved):\n            for k, v in saved.items():\n                setattr(m, k, v)",
+    "        pass", "Algorithm 1 line 9 leaves its batch statistics in G's running statistics", A)
+add("default-noise-rotation", "ash.py", 'DEFAULT_NOISE = "elementwise"', 'DEFAULT_NOISE = "rotation"',
+    "the default noise silently changes reading", A)
+
+# ---- segment.py --------------------------------------------------------------------------------
+S = ["tests/test_segment.py"]
+add("teacher-frozen", "segment.py", "            t.lerp_(s.detach(), 1.0 - decay)  # Robusta F.1: teacher = EMA of the student\n",
+    "            pass\n", "the mean teacher never follows the student", S)
+add("teacher-buffers-not-copied", "segment.py", "        for t, s in zip(self.teacher.buffers(), student.buffers()):\n            t.copy_(s)\n",
+    "", "the teacher's BN buffers are never copied", S)
+add("pseudo-loss-mean-over-confident", "segment.py", "    return ce / pseudo.numel()\n",
+    "    return ce / (pseudo != data.IGNORE_INDEX).sum()\n",
+    "pseudo-label loss averaged over confident pixels only (NaN when none)", S)
+
 def tracked_files():
     out = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
     if out.returncode == 0 and out.stdout.strip():

@@ -662,3 +662,27 @@ def test_evaluate_generators_streams_the_numbers_of_the_whole_sets(toy_root, tmp
             assert got[f"{key}/spectral_distance_f{rate}"] == pytest.approx(
                 metrics.spectral_distance(whole["image"], fake, rate, paired=True), rel=1e-6)
         assert got[f"{key}/fid"] == pytest.approx(metrics.fid(whole["image"], fake, weights, device="cpu"), rel=1e-4)
+
+
+def test_feature_matching_targets_come_from_the_updated_discriminator(toy_batch, monkeypatch):
+    """Eq. (A4) in G's step: the real features are D's after its update in the same gan_step (the
+    generated ones are), not the ones D's own step computed before it moved."""
+    args, real, label = toy_batch
+    torch.manual_seed(0)
+    g, d, _, _ = robusta.build_networks(args)
+    opts = robusta.adam(g, 1e-2, 0, args), robusta.adam(d, 1e-2, 0, args)
+    seen = {}
+    loss = robusta.coarse_generator_loss
+
+    def spy(d_fake, d_real, *rest):
+        seen["real"] = [[f.detach().clone() for f in feats] for feats in d_real]
+        return loss(d_fake, d_real, *rest)
+
+    monkeypatch.setattr(robusta, "coarse_generator_loss", spy)
+    robusta.gan_step(FakeRun(), g, d, *opts, label, (label,), real, robusta.coarse_generator_loss, "ls", None, args)
+    with torch.no_grad():
+        after = d(label, real)  # G's optimizer does not touch D: this is the updated D
+    for got, want in zip(seen["real"], after):
+        for a, b in zip(got, want):
+            assert torch.allclose(a, b, atol=1e-6)
+
