@@ -202,22 +202,27 @@ def test_a_few_training_steps_lower_the_loss_and_write_the_run_folder(toycity, t
     assert "<polyline" in html and "data:image/png;base64" in html
 
 
+def train_killed_at(step, monkeypatch, args):
+    """Runs train_segmenter(args) and kills it (KeyboardInterrupt) when it logs `step`."""
+    log = segment.Run.log
+
+    def log_then_die(self, logged, **scalars):
+        if logged == step:
+            raise KeyboardInterrupt
+        log(self, logged, **scalars)
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(segment.Run, "log", log_then_die)
+        segment.train_segmenter(args)
+
+
 def test_resume_after_a_kill_gives_the_same_weights_as_an_uninterrupted_run(toycity, tmp_path, monkeypatch):
     common = ["--steps", "5", "--checkpoint-every", "2", "--batch-size", "3", "--size", "32", "64", "--no-eval",
               "--seed", "3"]  # 8 images, 2 batches per epoch: the kill and the resume fall mid-epoch
     segment.train_segmenter(train_args(toycity, tmp_path, "straight", *common))
 
-    log = segment.Run.log
-
-    def log_then_die(self, step, **scalars):  # the process dies during step 4, after the checkpoint of step 2
-        if step == 4:
-            raise KeyboardInterrupt
-        log(self, step, **scalars)
-    monkeypatch.setattr(segment.Run, "log", log_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        segment.train_segmenter(train_args(toycity, tmp_path, "killed", *common))
+    # the process dies during step 4, after the checkpoint of step 2
+    train_killed_at(4, monkeypatch, train_args(toycity, tmp_path, "killed", *common))
     assert torch.load(tmp_path / "killed" / "last.pt", weights_only=True)["step"] == 2
-    monkeypatch.undo()
     segment.train_segmenter(train_args(toycity, tmp_path, "killed", *common, "--resume", "auto"))
 
     a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
@@ -845,16 +850,7 @@ def test_mean_teacher_survives_a_resume(toycity, tmp_path, monkeypatch):
     common = ["--steps", "3", "--checkpoint-every", "1", "--batch-size", "2", "--size", "32", "64", "--no-eval",
               "--generated", str(tmp_path / "generated"), "--mean-teacher", "--pseudo-threshold", "0.3"]
     segment.train_segmenter(train_args(toycity, tmp_path, "straight", *common))
-    log = segment.Run.log
-
-    def log_then_die(self, step, **scalars):
-        if step == 3:
-            raise KeyboardInterrupt
-        log(self, step, **scalars)
-    monkeypatch.setattr(segment.Run, "log", log_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        segment.train_segmenter(train_args(toycity, tmp_path, "killed", *common))
-    monkeypatch.undo()
+    train_killed_at(3, monkeypatch, train_args(toycity, tmp_path, "killed", *common))
     segment.train_segmenter(train_args(toycity, tmp_path, "killed", *common, "--resume", "auto"))
     a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)
